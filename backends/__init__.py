@@ -1,0 +1,1 @@
+"""Kernel backends for the moecc op: reference (plain torch), triton, tvm."""

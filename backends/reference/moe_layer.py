@@ -1,0 +1,57 @@
+"""The reference MoE layer: the definition every kernel is compared with.
+
+out[t] = sum_j w[t, j] * expert_{id[t, j]}(x[t]) + sum_s shared_s(x[t])
+
+Routing in fp32 (backends/reference/routing.py); each expert's MLP in the weights'
+dtype, as the models' eager code does; the weighted sum accumulates in fp32 and is cast
+to the input dtype once. A loop over the experts that received tokens: slow, simple, and
+it reads no weight of an expert without tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moecc.backends.reference.experts import canonical_expert_weights, expert_mlp
+from moecc.backends.reference.routing import route, router_logits
+from moecc.spec import MoELayerSpec
+from moecc.weights import MoEWeights
+
+
+def moe_layer(hidden: torch.Tensor, weights: MoEWeights, spec: MoELayerSpec) -> torch.Tensor:
+    """hidden [T, K] -> [T, K] in hidden's dtype."""
+    if hidden.dim() != 2 or hidden.shape[1] != spec.experts.hidden_size:
+        raise ValueError(
+            f"moe_layer expects hidden states [T, {spec.experts.hidden_size}], got {tuple(hidden.shape)}"
+        )
+    logits = router_logits(hidden, weights.router_weight, weights.router_bias, spec.router)  # [T, E]
+    topk_weights, topk_ids = route(logits, spec.router, weights.correction_bias)  # [T, k] x2
+    experts = canonical_expert_weights(weights, spec.experts)
+    return combine_experts(hidden, topk_weights, topk_ids, experts, spec)
+
+
+def combine_experts(
+    hidden: torch.Tensor,  # [T, K]
+    topk_weights: torch.Tensor,  # [T, k] fp32
+    topk_ids: torch.Tensor,  # [T, k]
+    experts,  # CanonicalExperts
+    spec: MoELayerSpec,
+) -> torch.Tensor:
+    """Weighted sum of the selected experts' outputs plus the shared experts -> [T, K]."""
+    t = hidden.shape[0]
+    num_routed = spec.router.num_experts
+    out = torch.zeros(t, hidden.shape[1], dtype=torch.float32, device=hidden.device)  # [T, K]
+    for e in torch.unique(topk_ids).tolist():
+        tok, slot = torch.nonzero(topk_ids == e, as_tuple=True)  # tokens routed to e
+        y = expert_mlp(hidden[tok], experts.gate_up[e], experts.down[e], _row(experts.gate_up_bias, e),
+                       _row(experts.down_bias, e), spec.experts)  # [t_e, K]
+        out.index_add_(0, tok, y.float() * topk_weights[tok, slot, None].float())
+    for s in range(experts.num_shared):
+        e = num_routed + s
+        out += expert_mlp(hidden, experts.gate_up[e], experts.down[e], _row(experts.gate_up_bias, e),
+                          _row(experts.down_bias, e), spec.experts).float()
+    return out.to(hidden.dtype)
+
+
+def _row(t, i):
+    return None if t is None else t[i]

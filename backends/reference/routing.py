@@ -1,0 +1,70 @@
+"""Reference routing: which k experts each token uses, and with what weight.
+
+Plain torch, written to be obviously right; the Triton and TVM routing kernels are tested
+against `route`. All score arithmetic happens in fp32 regardless of the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from moecc.spec import RouterSpec
+
+
+def router_logits(
+    hidden: torch.Tensor,  # [T, K]
+    router_weight: torch.Tensor,  # [E, K]
+    router_bias: Optional[torch.Tensor],  # [E]
+    spec: RouterSpec,
+) -> torch.Tensor:
+    """The router matmul, in fp32 or in the input dtype as the model does it -> [T, E] fp32."""
+    if spec.logits_in_fp32:
+        hidden, router_weight = hidden.float(), router_weight.float()
+        router_bias = router_bias.float() if router_bias is not None else None
+    else:
+        router_weight = router_weight.to(hidden.dtype)
+        router_bias = router_bias.to(hidden.dtype) if router_bias is not None else None
+    return torch.nn.functional.linear(hidden, router_weight, router_bias).float()
+
+
+def route(
+    logits: torch.Tensor,  # [T, E], any float dtype; used in fp32
+    spec: RouterSpec,
+    correction_bias: Optional[torch.Tensor] = None,  # [E]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select experts. Returns (weights [T, k] fp32, expert ids [T, k] int64)."""
+    logits = logits.float()
+    k = spec.top_k
+    if spec.scoring == "topk_softmax":
+        top_logits, ids = torch.topk(logits, k, dim=-1)  # [T, k]
+        weights = torch.softmax(top_logits, dim=-1)
+    else:
+        scores = torch.softmax(logits, dim=-1) if spec.scoring == "softmax" else torch.sigmoid(logits)
+        choice = scores
+        if correction_bias is not None:
+            choice = scores + correction_bias.float()  # bias steers selection only
+        if spec.n_group > 1:
+            choice = _mask_to_best_groups(choice, spec)
+        ids = torch.topk(choice, k, dim=-1).indices  # [T, k]
+        weights = scores.gather(1, ids)  # [T, k]
+    if spec.renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + spec.renormalize_eps)
+    if spec.routed_scaling_factor != 1.0:
+        weights = weights * spec.routed_scaling_factor
+    return weights, ids
+
+
+def _mask_to_best_groups(choice: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """Group-limited routing: experts outside the best `topk_group` groups get -inf."""
+    t, e = choice.shape
+    grouped = choice.view(t, spec.n_group, e // spec.n_group)  # [T, G, E/G]
+    if spec.group_scoring == "top2_sum":
+        group_scores = grouped.topk(min(2, e // spec.n_group), dim=-1).values.sum(dim=-1)  # [T, G]
+    else:
+        group_scores = grouped.amax(dim=-1)  # [T, G]
+    best = torch.topk(group_scores, spec.topk_group, dim=-1).indices  # [T, topk_group]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # [T, G]
+    keep = keep.unsqueeze(-1).expand_as(grouped).reshape(t, e)  # [T, E]
+    return choice.masked_fill(~keep, float("-inf"))

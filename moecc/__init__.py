@@ -1,0 +1,31 @@
+"""moecc: a torch.compile backend that compiles Mixture-of-Experts layers to fused kernels.
+
+Use it through torch.compile; the backend is found by its entry point, no import needed:
+
+    torch.compile(model, backend="moecc", options={"kernel_backend": "auto"})
+
+`passes/` and `backends/` sit beside this package in the source tree and are installed as
+`moecc.passes` and `moecc.backends` (pyproject's package-dir). Importing this package has
+no side effects beyond making those two names resolvable from a source checkout.
+"""
+
+from __future__ import annotations
+
+import os as _os
+
+__version__ = "0.1.0"
+
+
+def _extend_path_for_source_checkout() -> None:
+    # In a source checkout run with PYTHONPATH=. (no install), passes/ and backends/ live
+    # at the repository root; adding the root to this package's search path makes them
+    # import as moecc.passes / moecc.backends, as they do once installed.
+    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    if _os.path.isfile(_os.path.join(root, "pyproject.toml")) and _os.path.isdir(
+        _os.path.join(root, "passes")
+    ):
+        if root not in __path__:
+            __path__.append(root)
+
+
+_extend_path_for_source_checkout()

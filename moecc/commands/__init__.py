@@ -1,0 +1,1 @@
+"""Subcommands of the moecc CLI, one module each (see moecc/cli.py)."""

@@ -1,0 +1,183 @@
+"""The typed description of one captured MoE layer.
+
+A `MoELayerSpec` says everything about a layer except its tensors: how the router scores
+and selects experts, how the expert weights are laid out, and which activation joins the
+gate and up projections. Capture builds one per recognised region; the moecc custom op
+carries it (serialised by `to_json`) so every backend sees the same facts.
+
+Dimension legend used across moecc:
+    T = tokens, K = hidden size, N = expert intermediate size, E = routed experts,
+    S = shared (always-active) experts, k = experts selected per token (top-k).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass, field
+
+SCORINGS = ("softmax", "sigmoid", "topk_softmax")
+GROUP_SCORINGS = ("top2_sum", "max")
+ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai")
+GATE_UP_LAYOUTS = ("concat", "interleaved", "separate")
+
+
+class SpecError(ValueError):
+    """A spec whose fields contradict each other or name an unknown variant."""
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How a token's experts and their weights are chosen.
+
+    scoring:
+        "softmax"      softmax over all E logits, then top-k of the probabilities
+                       (Mixtral, Qwen3-MoE).
+        "sigmoid"      sigmoid of each logit; selection uses sigmoid + correction bias,
+                       the weights use the plain sigmoid (DeepSeek-V3).
+        "topk_softmax" top-k of the raw logits, then softmax over those k (GPT-OSS).
+    n_group / topk_group: group-limited selection (DeepSeek): experts are split into
+        n_group groups, each group scored (`group_scoring`), only the best topk_group
+        groups stay eligible. n_group == 1 disables it.
+    renormalize: divide the k weights by their sum (+ renormalize_eps).
+    routed_scaling_factor: multiply the final weights (DeepSeek-V3: 2.5).
+    logits_in_fp32: the router matmul runs in fp32 (DeepSeek casts both operands).
+    """
+
+    num_experts: int
+    top_k: int
+    scoring: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    group_scoring: str = "top2_sum"
+    has_router_bias: bool = False
+    has_correction_bias: bool = False
+    renormalize: bool = False
+    renormalize_eps: float = 0.0
+    routed_scaling_factor: float = 1.0
+    logits_in_fp32: bool = False
+
+    def validate(self) -> None:
+        if self.scoring not in SCORINGS:
+            raise SpecError(f"router scoring {self.scoring!r} is not one of {SCORINGS}")
+        if self.group_scoring not in GROUP_SCORINGS:
+            raise SpecError(f"group scoring {self.group_scoring!r} is not one of {GROUP_SCORINGS}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise SpecError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if self.n_group < 1 or self.num_experts % self.n_group:
+            raise SpecError(f"n_group={self.n_group} must divide num_experts={self.num_experts}")
+        if not 1 <= self.topk_group <= self.n_group:
+            raise SpecError(f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
+        if self.n_group > 1 and self.top_k > self.topk_group * (self.num_experts // self.n_group):
+            raise SpecError("top_k exceeds the experts left eligible by group-limited routing")
+        if self.has_correction_bias and self.scoring != "sigmoid":
+            raise SpecError("a score-correction bias is only defined for sigmoid scoring")
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """Shape, layout and activation of the routed (and shared) experts.
+
+    Source layouts the reference op accepts (canonical is the first of each):
+        gate_up_layout "concat":      gate_up [E, 2N, K], rows [0, N) gate, [N, 2N) up
+                       "interleaved": gate_up rows alternate gate, up (GPT-OSS)
+                       "separate":    gate [E, N, K] and up [E, N, K] as two tensors
+        gate_up_transposed: stored as [E, K, 2N] (or [E, K, N] when separate)
+        down_transposed:    down stored as [E, N, K] instead of [E, K, N]
+    Shared experts (DeepSeek) are a dense SwiGLU MLP of width num_shared * N applied to
+    every token with weight 1; `shared_fused` says they were appended to the routed stack
+    (experts E .. E+S-1) by the expert-fusion pass instead of being separate tensors.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    activation: str = "silu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    gate_up_layout: str = "concat"
+    gate_up_transposed: bool = False
+    down_transposed: bool = False
+    has_bias: bool = False
+    num_shared: int = 0
+    shared_fused: bool = False
+
+    @property
+    def canonical(self) -> bool:
+        """True when the layout is what the kernels take: concat, not transposed."""
+        return (
+            self.gate_up_layout == "concat"
+            and not self.gate_up_transposed
+            and not self.down_transposed
+            and (self.num_shared == 0 or self.shared_fused)
+        )
+
+    def validate(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise SpecError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.gate_up_layout not in GATE_UP_LAYOUTS:
+            raise SpecError(f"gate/up layout {self.gate_up_layout!r} is not one of {GATE_UP_LAYOUTS}")
+        if self.hidden_size < 1 or self.intermediate_size < 1 or self.num_shared < 0:
+            raise SpecError("hidden_size and intermediate_size must be positive, num_shared >= 0")
+
+
+@dataclass(frozen=True)
+class MoELayerSpec:
+    """Router + experts: the whole semantics of one MoE layer."""
+
+    router: RouterSpec
+    experts: ExpertSpec
+    source: str = field(default="", compare=False)  # e.g. the module path; informational
+
+    def __post_init__(self) -> None:
+        self.router.validate()
+        self.experts.validate()
+
+    def to_json(self) -> str:
+        """Serialise for the custom op's `spec` string argument (stable key order)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @staticmethod
+    def from_json(text: str) -> "MoELayerSpec":
+        return _parse_spec(text)
+
+    def replace(self, *, router: dict | None = None, experts: dict | None = None) -> "MoELayerSpec":
+        """A copy with some router/expert fields changed (validated again)."""
+        return MoELayerSpec(
+            router=dataclasses.replace(self.router, **(router or {})),
+            experts=dataclasses.replace(self.experts, **(experts or {})),
+            source=self.source,
+        )
+
+    def describe(self) -> str:
+        """One line for logs and `moecc explain`."""
+        r, e = self.router, self.experts
+        parts = [f"E={r.num_experts} top{r.top_k} {r.scoring}"]
+        if r.n_group > 1:
+            parts.append(f"groups {r.topk_group}/{r.n_group}")
+        if r.has_correction_bias:
+            parts.append("corr-bias")
+        if r.renormalize:
+            parts.append("renorm")
+        if r.routed_scaling_factor != 1.0:
+            parts.append(f"scale {r.routed_scaling_factor:g}")
+        parts.append(f"K={e.hidden_size} N={e.intermediate_size} {e.activation}")
+        if e.has_bias:
+            parts.append("bias")
+        if e.num_shared:
+            parts.append(f"{e.num_shared} shared{' (fused)' if e.shared_fused else ''}")
+        parts.append(f"layout={e.gate_up_layout}{'^T' if e.gate_up_transposed else ''}")
+        return ", ".join(parts)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_spec(text: str) -> MoELayerSpec:
+    try:
+        raw = json.loads(text)
+        return MoELayerSpec(
+            router=RouterSpec(**raw["router"]),
+            experts=ExpertSpec(**raw["experts"]),
+            source=raw.get("source", ""),
+        )
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise SpecError(f"not a valid moecc layer spec: {exc}") from exc

@@ -1,0 +1,51 @@
+"""The tensors of one MoE layer, in the order the moecc custom op takes them.
+
+`MoEWeights` is the single source of truth for that order: capture fills it from the
+graph's parameter nodes, the op schema is generated from `MOE_WEIGHT_FIELDS`, and every
+backend receives it. Which fields are present depends on the layer's `MoELayerSpec`.
+
+Shapes (legend in moecc/spec.py), for the canonical layout:
+    router_weight      [E, K]
+    router_bias        [E]          GPT-OSS
+    correction_bias    [E]          DeepSeek-V3 score-correction bias (selection only)
+    gate_up            [E, 2N, K]   (source layouts: see ExpertSpec)
+    up                 [E, N, K]    only for gate_up_layout == "separate"
+    down               [E, K, N]
+    gate_up_bias       [E, 2N]      GPT-OSS
+    down_bias          [E, K]
+    shared_gate        [S*N, K]     DeepSeek shared experts (nn.Linear weights)
+    shared_up          [S*N, K]
+    shared_down        [K, S*N]
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class MoEWeights(NamedTuple):
+    router_weight: torch.Tensor
+    router_bias: Optional[torch.Tensor]
+    correction_bias: Optional[torch.Tensor]
+    gate_up: torch.Tensor
+    up: Optional[torch.Tensor]
+    down: torch.Tensor
+    gate_up_bias: Optional[torch.Tensor]
+    down_bias: Optional[torch.Tensor]
+    shared_gate: Optional[torch.Tensor]
+    shared_up: Optional[torch.Tensor]
+    shared_down: Optional[torch.Tensor]
+
+
+MOE_WEIGHT_FIELDS: tuple[str, ...] = MoEWeights._fields
+REQUIRED_WEIGHT_FIELDS = frozenset({"router_weight", "gate_up", "down"})
+
+
+def make_weights(**tensors: Optional[torch.Tensor]) -> MoEWeights:
+    """Build MoEWeights by name; absent optional fields are None."""
+    unknown = set(tensors) - set(MOE_WEIGHT_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown MoE weight field(s) {sorted(unknown)}; valid: {MOE_WEIGHT_FIELDS}")
+    return MoEWeights(**{name: tensors.get(name) for name in MOE_WEIGHT_FIELDS})

@@ -1,0 +1,1 @@
+"""Graph passes over captured MoE graphs (installed as moecc.passes); see pipeline.py."""
