@@ -29,3 +29,20 @@ def _extend_path_for_source_checkout() -> None:
 
 
 _extend_path_for_source_checkout()
+
+
+def __getattr__(name: str):
+    # Lazy public API: importing moecc stays cheap and side-effect free.
+    if name == "CompileReport":
+        from moecc.capture.report import CompileReport
+
+        return CompileReport
+    if name == "use_compilable_experts":
+        from moecc.hf import use_compilable_experts
+
+        return use_compilable_experts
+    if name == "CompileOptions":
+        from moecc.options import CompileOptions
+
+        return CompileOptions
+    raise AttributeError(f"module 'moecc' has no attribute {name!r}")

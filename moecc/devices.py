@@ -55,15 +55,18 @@ PROFILES: tuple[DeviceProfile, ...] = (
                   (r"l40s",)),
     DeviceProfile("rtx4090", "NVIDIA GeForce RTX 4090", 89, 128, 99 * _KB, 65536, 72 * _KB * _KB, 1008.0,
                   {"bf16": 165.0, "fp16": 165.0, "fp8": 330.0, "int8": 660.0, "tf32": 82.6}, True,
-                  (r"rtx ?4090", r"geforce 4090")),
+                  (r"rtx ?4090(?! ?d\b)(?!.*(laptop|mobile))", r"geforce 4090")),
     DeviceProfile("rtx3090", "NVIDIA GeForce RTX 3090", 86, 82, 99 * _KB, 65536, 6 * _KB * _KB, 936.0,
                   {"bf16": 71.0, "fp16": 71.0, "int8": 284.0, "tf32": 35.6}, False,
-                  (r"rtx ?3090(?! ?ti)", r"geforce 3090")),
+                  (r"rtx ?3090(?! ?ti)(?!.*(laptop|mobile))", r"geforce 3090")),
     DeviceProfile("rtx5090", "NVIDIA GeForce RTX 5090", 120, 170, 99 * _KB, 65536, 96 * _KB * _KB, 1792.0,
                   {"bf16": 209.5, "fp16": 209.5, "fp8": 419.0, "int8": 838.0, "tf32": 104.8}, True,
-                  (r"rtx ?5090", r"geforce 5090")),
+                  (r"rtx ?5090(?!.*(laptop|mobile))", r"geforce 5090")),
 )
 _BY_KEY = {p.key: p for p in PROFILES}
+
+
+_VARIANT_WORDS = frozenset({"pcie", "sxm", "nvl", "laptop", "mobile", "ti", "d", "super", "max"})
 
 
 class UnknownDeviceError(KeyError):
@@ -91,8 +94,16 @@ def normalise_device_key(name: str, arch: int | None = None, num_sms: int | None
     if lowered.replace(" ", "_") in _BY_KEY:
         return lowered.replace(" ", "_")
     if arch is not None and num_sms is not None:
+        # the SM count decides between variants of one family ("NVIDIA H100" with 114 SMs
+        # is the PCIe card): the family is the key's first part, "h100" of "h100_pcie"
+        # A variant word in the name that the profile does not carry ("NVL", "Laptop",
+        # "Ti", "D") means another card of the family, not this profile.
+        squashed = lowered.replace(" ", "")
+        words = set(lowered.split()) & _VARIANT_WORDS
         for p in PROFILES:
-            if p.arch == arch and p.num_sms == num_sms and any(re.search(a, lowered) for a in p.aliases):
+            own = set(p.name.lower().split()) | set(p.key.split("_"))
+            if (p.arch == arch and p.num_sms == num_sms and p.key.split("_")[0] in squashed
+                    and words <= own):
                 return p.key
     for p in PROFILES:
         if any(re.search(a, lowered) for a in p.aliases):
@@ -111,3 +122,20 @@ def current_device_key(device_index: int = 0) -> str:
 
 def profiles_for_arch(arch: int) -> list[DeviceProfile]:
     return [p for p in PROFILES if p.arch == arch]
+
+
+def current_profile(device_index: int = 0) -> DeviceProfile:
+    """The profile of a visible CUDA device; an unknown GPU gets one built from its
+    reported limits (no rates: predictions need a known profile, tuning does not)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(device_index)
+    key = normalise_device_key(props.name, props.major * 10 + props.minor, props.multi_processor_count)
+    if key in _BY_KEY:
+        return _BY_KEY[key]
+    return DeviceProfile(
+        key, props.name, props.major * 10 + props.minor, props.multi_processor_count,
+        int(getattr(props, "shared_memory_per_block_optin", 48 * _KB)),
+        int(getattr(props, "regs_per_multiprocessor", 65536)), int(getattr(props, "L2_cache_size", 0)),
+        0.0, {}, props.major * 10 + props.minor >= 89,
+    )

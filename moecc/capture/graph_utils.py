@@ -1,0 +1,100 @@
+"""Small helpers over Dynamo's torch-level FX graphs: parameters, shapes, op kinds."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.fx as fx
+
+_PARAM_MARKERS = ("_parameters_", "_buffers_")
+
+
+def example_value(node: fx.Node) -> Any:
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def concrete_int(value: Any) -> int:
+    """A SymInt's hint (the value seen while tracing) or a plain int."""
+    if isinstance(value, torch.SymInt):
+        hint = value.node.hint
+        if hint is None:
+            raise ValueError(f"symbolic size {value} has no concrete hint")
+        return int(hint)
+    return int(value)
+
+
+def concrete_shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(concrete_int(s) for s in t.shape)
+
+
+def is_weight_node(node: fx.Node) -> bool:
+    """A module parameter or buffer: a Dynamo-lifted placeholder or a get_attr."""
+    if node.op == "get_attr":
+        return True
+    return node.op == "placeholder" and any(m in node.name for m in _PARAM_MARKERS)
+
+
+def weight_name(node: fx.Node) -> tuple[str, str]:
+    """(owner module attribute, parameter name) of a weight node.
+
+    Dynamo names lifted parameters like
+    l_self_modules_model_modules_layers_modules_0_modules_mlp_modules_experts_parameters_gate_up_proj_
+    -> ("experts", "gate_up_proj").
+    """
+    if node.op == "get_attr":
+        parts = str(node.target).split(".")
+        return (parts[-2] if len(parts) > 1 else "", parts[-1])
+    name = node.name
+    cut = max(name.rfind(m) for m in _PARAM_MARKERS)
+    marker = next(m for m in _PARAM_MARKERS if name.startswith(m, cut))
+    param = name[cut + len(marker):].rstrip("_")
+    owner = name[:cut].split("_modules_")[-1]
+    return owner, param
+
+
+def call_name(node: fx.Node) -> str:
+    """A readable op name for call_function / call_method nodes ("topk", "softmax")."""
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function":
+        t = node.target
+        name = getattr(t, "__name__", None) or str(t)
+        if isinstance(t, torch._ops.OpOverload):
+            name = t._opname
+        return name
+    return ""
+
+
+def is_call(node: fx.Node, *names: str) -> bool:
+    return node.op in ("call_function", "call_method") and call_name(node) in names
+
+
+def is_getitem(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is operator.getitem
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def descendants(roots: Iterable[fx.Node], within: set[fx.Node]) -> set[fx.Node]:
+    """Nodes in `within` reachable from `roots` through data dependencies."""
+    seen: set[fx.Node] = set()
+    stack = list(roots)
+    while stack:
+        n = stack.pop()
+        for user in n.users:
+            if user in within and user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+def float_constant(node: fx.Node) -> Optional[float]:
+    """The float operand of a binary node whose other operand is a node, if any."""
+    consts = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    return float(consts[0]) if consts else None

@@ -1,0 +1,312 @@
+"""Turn a candidate region into a typed layer description, or say why not.
+
+Two steps, each of which may decline with a reason:
+1. Interface: exactly one activation enters the region (the hidden states), exactly one
+   value leaves it, the region mutates nothing outside itself, and every weight it reads
+   is one of the MoEWeights roles (named like transformers' or gpt-fast's modules).
+2. Semantics: router and expert variants read off the ops in the region (see the
+   `_router_spec` and `_expert_layouts` docstrings). Where the graph leaves a layout
+   ambiguous (square weights), several candidate specs are returned in order; capture
+   verification picks the one that reproduces the region numerically.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from moecc.capture.graph_utils import (
+    arg,
+    call_name,
+    descendants,
+    example_value,
+    float_constant,
+    is_call,
+    is_getitem,
+    is_weight_node,
+    weight_name,
+)
+from moecc.capture.regions import Region
+from moecc.spec import ExpertSpec, MoELayerSpec, RouterSpec, SpecError
+
+
+class Decline(Exception):
+    """The region is not understood completely; the message says why."""
+
+
+@dataclass
+class Recognised:
+    hidden: fx.Node  # [.., K] activation entering the region
+    output: fx.Node  # the region's one result, same shape as hidden or [T, K]
+    weights: dict[str, fx.Node]  # MoEWeights field -> weight node
+    candidates: list[MoELayerSpec]  # most likely first
+    experts_implementation: str
+    externals: list[fx.Node] = field(default_factory=list)
+
+
+# Parameter names -> MoEWeights roles. Owner-module names decide shared vs routed.
+_STACKED = {
+    "gate_up_proj": "gate_up", "w13": "gate_up", "gate_up": "gate_up", "w13_weight": "gate_up",
+    "down_proj": "down", "w2": "down", "w2_weight": "down",
+    "up_proj": "up", "w3": "up",
+    "gate_proj": "gate", "w1": "gate",
+}
+_STACKED_BIAS = {"gate_up_proj_bias": "gate_up_bias", "down_proj_bias": "down_bias"}
+_SHARED_LINEAR = {"gate_proj": "shared_gate", "up_proj": "shared_up", "down_proj": "shared_down",
+                  "w1": "shared_gate", "w3": "shared_up", "w2": "shared_down"}
+_MUTATING_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def recognise(region: Region) -> Recognised:
+    nodes = set(region.nodes)
+    externals: list[fx.Node] = []
+    for n in region.nodes:
+        for a in n.all_input_nodes:
+            if a not in nodes and a not in externals:
+                externals.append(a)
+    _check_no_outside_mutation(region, nodes)
+
+    activations = [a for a in externals if not is_weight_node(a) and isinstance(example_value(a), torch.Tensor)]
+    if len(activations) != 1:
+        raise Decline(f"expected one activation input, found {len(activations)}: {[a.name for a in activations]}")
+    hidden = activations[0]
+    outputs = [n for n in region.nodes if any(u not in nodes for u in n.users)]
+    if len(outputs) != 1:
+        raise Decline(f"expected one result leaving the layer, found {len(outputs)}: {[o.name for o in outputs]}")
+    output = outputs[0]
+    hv, ov = example_value(hidden), example_value(output)
+    if not isinstance(ov, torch.Tensor) or ov.dtype != hv.dtype:
+        raise Decline("the layer's result is not a tensor of the input's dtype")
+    if not (_same_shape(ov, hv) or (ov.dim() == 2 and _same_size(ov.shape[-1], hv.shape[-1]))):
+        raise Decline(f"result shape {tuple(ov.shape)} is neither the input's {tuple(hv.shape)} nor [T, K]")
+
+    weights = _classify_weights([a for a in externals if is_weight_node(a)], region)
+    for required in ("router_weight", "down"):
+        if required not in weights:
+            raise Decline(f"no {required.replace('_', ' ')} found among the layer's parameters")
+    if "gate_up" not in weights and "gate" not in weights:
+        raise Decline("no gate/up expert weights found")
+
+    candidates = _candidate_specs(region, nodes, hidden, weights)
+    if "gate" in weights:  # separate gate and up stacks travel as gate_up (gate) + up
+        weights["gate_up"] = weights.pop("gate")
+    impl = _experts_implementation(region)
+    return Recognised(hidden, output, weights, candidates, impl, externals)
+
+
+def _same_size(a, b) -> bool:
+    return str(a) == str(b)
+
+
+def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dim() == b.dim() and all(_same_size(x, y) for x, y in zip(a.shape, b.shape))
+
+
+def _check_no_outside_mutation(region: Region, nodes: set[fx.Node]) -> None:
+    for n in region.nodes:
+        mutating = (n.op == "call_method" and str(n.target).endswith("_") and not str(n.target).startswith("__")) \
+            or (n.op == "call_function" and n.target in _MUTATING_FUNCTIONS)
+        if mutating and n.args and isinstance(n.args[0], fx.Node) and n.args[0] not in nodes:
+            raise Decline(f"{n.name} ({call_name(n)}) mutates a tensor from outside the layer")
+
+
+def _classify_weights(weight_nodes: list[fx.Node], region: Region) -> dict[str, fx.Node]:
+    roles: dict[str, fx.Node] = {}
+    stacked_e = {example_value(w).shape[0] for w in weight_nodes if example_value(w).dim() == 3}
+    if len(stacked_e) != 1:
+        raise Decline(f"stacked expert weights disagree on the number of experts: {sorted(map(str, stacked_e))}")
+    e = next(iter(stacked_e))
+    for w in weight_nodes:
+        owner, pname = weight_name(w)
+        v = example_value(w)
+        role = None
+        if v.dim() == 3:
+            role = _STACKED.get(pname)
+        elif pname in _STACKED_BIAS and v.dim() == 2:
+            role = _STACKED_BIAS[pname]
+        elif v.dim() == 1 and _same_size(v.shape[0], e):
+            role = "router_bias" if pname == "bias" else "correction_bias" if "correction" in pname else None
+        elif v.dim() == 2 and _same_size(v.shape[0], e) and pname == "weight" and "shared" not in owner:
+            role = "router_weight"
+        elif v.dim() == 2 and pname == "weight" and owner in _SHARED_LINEAR:
+            role = _SHARED_LINEAR[owner]
+        if role is None:
+            raise Decline(f"parameter {owner}.{pname} {tuple(v.shape)} has no known role in an MoE layer")
+        if role in roles:
+            raise Decline(f"two parameters claim the role {role}: {roles[role].name}, {w.name}")
+        roles[role] = w
+    return roles
+
+
+def _experts_implementation(region: Region) -> str:
+    names = {call_name(n) for n in region.nodes}
+    if "grouped_mm_fallback" in names or "_grouped_mm" in names or "grouped_mm" in names:
+        return "grouped_mm"
+    if "bmm" in names and "repeat_interleave" in names:
+        return "batched_mm"
+    if "einsum" in names or "bmm" in names:
+        return "indexed-einsum"
+    return "other"
+
+
+def _candidate_specs(region: Region, nodes: set[fx.Node], hidden: fx.Node,
+                     weights: dict[str, fx.Node]) -> list[MoELayerSpec]:
+    k_size = example_value(hidden).shape[-1]
+    expert_nodes = descendants([weights[r] for r in ("gate_up", "gate", "up", "down") if r in weights], nodes)
+    shared_nodes = descendants([weights[r] for r in ("shared_gate", "shared_up", "shared_down") if r in weights],
+                               nodes)
+    router_nodes = [n for n in region.nodes if n not in expert_nodes and n not in shared_nodes]
+    router = _router_spec(router_nodes, weights)
+    specs = []
+    for layout in _expert_layouts(region, expert_nodes, weights, k_size):
+        try:
+            specs.append(MoELayerSpec(router=router, experts=layout, source=region.path))
+        except SpecError as exc:
+            raise Decline(f"inconsistent layer description: {exc}") from exc
+    return specs
+
+
+def _router_spec(router_nodes: list[fx.Node], weights: dict[str, fx.Node]) -> RouterSpec:
+    """Router variant from the ops outside the experts.
+
+    - top_k: k of the last topk; scoring: softmax after that topk -> "topk_softmax",
+      softmax before -> "softmax", sigmoid -> "sigmoid".
+    - group-limited: a topk over a [T, G] tensor gives topk_group; G is its last dim;
+      a topk over [T, G, E/G] means groups are scored by the sum of their top-2,
+      an amax/max over it means by their maximum.
+    - renormalise: a division after the last topk; an add of a constant to the sum is eps.
+    - routed scaling factor: a multiplication by a constant after the last topk.
+    - logits in fp32: the router matmul's result is fp32 while the hidden states are not.
+    """
+    in_router = set(router_nodes)
+    topks = [n for n in router_nodes if is_call(n, "topk")]
+    if not topks:
+        raise Decline("no top-k expert selection found")
+    final = topks[-1]
+    e = int(example_value(weights["router_weight"]).shape[0])
+    top_k = int(arg(final, 1, "k"))
+    after = descendants([final], in_router)
+    softmaxes = [n for n in router_nodes if is_call(n, "softmax")]
+    if any(s in after for s in softmaxes):
+        scoring = "topk_softmax"
+    elif softmaxes:
+        scoring = "softmax"
+    elif any(is_call(n, "sigmoid") for n in router_nodes):
+        scoring = "sigmoid"
+    else:
+        raise Decline("router scores are neither softmax nor sigmoid")
+
+    n_group, topk_group, group_scoring = 1, 1, "top2_sum"
+    for t in topks[:-1]:
+        src = example_value(t.args[0])
+        if src.dim() == 2:
+            n_group, topk_group = int(src.shape[-1]), int(arg(t, 1, "k"))
+    if n_group > 1 and any(is_call(n, "amax", "max") and example_value(n.args[0]).dim() == 3 for n in router_nodes):
+        group_scoring = "max"
+
+    renormalize, eps, scale = False, 0.0, 1.0
+    for n in router_nodes:
+        if n not in after:
+            continue
+        name = call_name(n)
+        if name in ("truediv", "itruediv", "div", "div_", "__truediv__", "__itruediv__"):
+            renormalize = True
+            denominator = n.args[1] if len(n.args) > 1 else None
+            if isinstance(denominator, fx.Node) and call_name(denominator) in ("add", "iadd", "__add__"):
+                eps = float_constant(denominator) or 0.0
+        elif name in ("mul", "imul", "__mul__", "mul_"):
+            c = float_constant(n)
+            if c is not None and c != 1.0:
+                scale = c
+    linear = next((n for n in router_nodes if is_call(n, "linear", "matmul", "mm")
+                   and weights["router_weight"] in n.all_input_nodes), None)
+    hidden_fp32 = any(example_value(w).dtype == torch.float32 for w in [weights["router_weight"]])
+    logits_fp32 = linear is not None and example_value(linear).dtype == torch.float32 and not hidden_fp32
+    return RouterSpec(
+        num_experts=e, top_k=top_k, scoring=scoring, n_group=n_group, topk_group=topk_group,
+        group_scoring=group_scoring, has_router_bias="router_bias" in weights,
+        has_correction_bias="correction_bias" in weights, renormalize=renormalize, renormalize_eps=eps,
+        routed_scaling_factor=scale, logits_in_fp32=logits_fp32,
+    )
+
+
+def _expert_layouts(region: Region, expert_nodes: set[fx.Node], weights: dict[str, fx.Node],
+                    k_size) -> list[ExpertSpec]:
+    """Expert layout and activation candidates.
+
+    Activation: silu -> "silu"; gelu(approximate="tanh") -> "gelu_tanh"; clamp + sigmoid
+    of (gate * alpha) -> "swiglu_oai" with that alpha and the clamp limit.
+    Layout: a stride-2 slice of the gate/up product -> "interleaved"; separate gate and up
+    stacks -> "separate"; else "concat". Orientation from shapes: [E, 2N, K] or [E, K, 2N];
+    when 2N == K (or N == K for down) both are candidates.
+    """
+    ordered = [n for n in region.nodes if n in expert_nodes]
+    names = [call_name(n) for n in ordered]
+    alpha, limit = 1.702, 7.0
+    if "silu" in names:
+        act = "silu"
+    elif "gelu" in names:
+        g = ordered[names.index("gelu")]
+        if g.kwargs.get("approximate", "none") != "tanh":
+            raise Decline("exact-erf GELU experts are not supported (only tanh GELU)")
+        act = "gelu_tanh"
+    elif "sigmoid" in names and "clamp" in names:
+        act = "swiglu_oai"
+        sig = ordered[names.index("sigmoid")]
+        scaled = sig.args[0]
+        if isinstance(scaled, fx.Node) and float_constant(scaled) is not None:
+            alpha = float_constant(scaled)
+        for c in (n for n in ordered if call_name(n) == "clamp"):
+            hi = arg(c, 2, "max")
+            if isinstance(hi, (int, float)):
+                limit = float(hi)
+    else:
+        raise Decline(f"unrecognised expert activation (ops: {sorted(set(names))[:12]})")
+
+    interleaved = any(is_getitem(n) and _has_step2_slice(n.args[1]) for n in ordered)
+    separate = "up" in weights
+    layout = "separate" if separate else "interleaved" if interleaved else "concat"
+    first = weights["gate" if separate else "gate_up"]
+    _, a, b = (int(x) for x in example_value(first).shape)
+    _, da, db = (int(x) for x in example_value(weights["down"]).shape)
+    k = int(k_size)
+    width = 1 if separate else 2  # gate_up rows per intermediate channel
+    up_options = []
+    if b == k:
+        up_options.append((False, a // width))
+    if a == k:
+        up_options.append((True, b // width))
+    if not up_options:
+        raise Decline(f"expert weight {tuple(example_value(first).shape)} has no dimension equal to hidden size {k}")
+    has_bias = "gate_up_bias" in weights or "down_bias" in weights
+    num_shared = 0
+    specs = []
+    for transposed, n in up_options:
+        if "shared_gate" in weights:
+            width_shared = int(example_value(weights["shared_gate"]).shape[0])
+            if width_shared % n:
+                raise Decline(f"shared expert width {width_shared} is not a multiple of the expert width {n}")
+            num_shared = width_shared // n
+        down_options = [d for d, ok in ((False, (da, db) == (k, n)), (True, (da, db) == (n, k))) if ok]
+        for down_t in down_options:
+            specs.append(ExpertSpec(
+                hidden_size=k, intermediate_size=n, activation=act, swiglu_alpha=alpha, swiglu_limit=limit,
+                gate_up_layout=layout, gate_up_transposed=transposed, down_transposed=down_t,
+                has_bias=has_bias, num_shared=num_shared,
+            ))
+    if not specs:
+        raise Decline(f"down weight {(da, db)} does not match hidden size {k} and the expert width")
+    return specs
+
+
+def _has_step2_slice(index) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(s, slice) and s.step == 2 for s in items)
+
+
+def spec_or_none(specs: list[MoELayerSpec]) -> Optional[MoELayerSpec]:
+    return specs[0] if specs else None

@@ -1,0 +1,92 @@
+"""Find candidate MoE regions in a Dynamo graph.
+
+A region is every node that ran inside one module instance (FX `nn_module_stack`) that
+(a) selects experts with top-k and (b) reads a stacked expert weight (a 3-D parameter
+[E, ., .]). Among nested candidates the innermost wins, so a decoder layer containing an
+MoE block yields the block. This covers transformers' SparseMoeBlock/MoE/MLP classes and
+hand-written gpt-fast-style modules alike, without a list of class names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from moecc.capture.graph_utils import example_value, is_call, is_weight_node
+
+
+@dataclass
+class Region:
+    key: str  # nn_module_stack key of the module
+    path: str  # dotted module path, e.g. "model.layers.0.mlp"
+    module_class: str
+    nodes: list[fx.Node]  # graph order
+
+
+def _stack(node: fx.Node) -> dict:
+    return node.meta.get("nn_module_stack") or {}
+
+
+def _clean_path(raw: str) -> str:
+    # "L['self'].model.layers.0.mlp" -> "model.layers.0.mlp"
+    for prefix in ("L['self'].", "L['self']", "L['fn'].", "self."):
+        if raw.startswith(prefix):
+            return raw[len(prefix):]
+    return raw
+
+
+def _is_stacked_weight(node: fx.Node) -> bool:
+    v = example_value(node)
+    return is_weight_node(node) and v is not None and hasattr(v, "dim") and v.dim() == 3
+
+
+def find_moe_regions(graph: fx.Graph) -> list[Region]:
+    paths: dict[str, tuple[str, str]] = {}
+    with_topk: set[str] = set()
+    with_experts: set[str] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            continue
+        stack = _stack(n)
+        for key, (raw_path, cls) in stack.items():
+            paths[key] = (_clean_path(str(raw_path)), getattr(cls, "__name__", str(cls)))
+        if is_call(n, "topk"):
+            with_topk.update(stack)
+        if any(_is_stacked_weight(a) for a in n.all_input_nodes):
+            with_experts.update(stack)
+    candidates = with_topk & with_experts
+    innermost = [
+        k for k in candidates
+        if not any(o != k and paths[o][0].startswith(paths[k][0] + ".") for o in candidates)
+        and paths[k][0] != ""  # the whole model is never a layer
+    ]
+    regions = []
+    for key in innermost:
+        nodes = [n for n in graph.nodes if n.op != "placeholder" and key in _stack(n)]
+        regions.append(Region(key, paths[key][0], paths[key][1], nodes))
+    regions.sort(key=lambda r: min(_order(graph, n) for n in r.nodes))
+    return regions
+
+
+def _order(graph: fx.Graph, node: fx.Node) -> int:
+    for i, n in enumerate(graph.nodes):
+        if n is node:
+            return i
+    return -1
+
+
+def find_eager_experts_modules(graph: fx.Graph) -> list[str]:
+    """Experts modules whose graph shows transformers' eager loop (one_hot mask, no matmul).
+
+    The eager implementation graph-breaks at `nonzero`, so the experts' weights never
+    reach the graph; what does reach it is the one_hot expert mask.
+    """
+    found = []
+    for n in graph.nodes:
+        if is_call(n, "one_hot"):
+            for raw_path, cls in _stack(n).values():
+                name = getattr(cls, "__name__", "")
+                if name.endswith("Experts"):
+                    found.append(_clean_path(str(raw_path)))
+    return sorted(set(found))

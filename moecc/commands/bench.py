@@ -1,0 +1,73 @@
+"""`moecc bench`: MoE-layer kernels against the roofline floor, and end-to-end decode.
+
+    moecc bench --out DIR [--shapes ...] [--tokens ...] [--impl ...] [--quick] [--e2e]
+    moecc bench --device cpu --quick --out DIR     # CPU smoke run of the harness (tiny shapes)
+
+Writes DIR/results.json and DIR/fraction_of_floor.png and prints the tables, the summary
+last. The harness lives in bench/ (imported as moecc.bench from a source checkout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="benchmark MoE layers against the roofline floor (needs a CUDA GPU)",
+        description="Compare moecc's Triton MoE layer with a per-expert loop, torch._grouped_mm and "
+                    "Inductor on the reference shapes, as time and as a fraction of the roofline floor "
+                    "(copy bandwidth and matmul rate measured in the same run). Needs a CUDA GPU; "
+                    "`--device cpu --quick` runs a tiny smoke version of the harness.")
+    p.add_argument("--out", required=True, help="output folder for results.json and the plot")
+    p.add_argument("--shapes", nargs="+", default=[], metavar="NAME", help="reference shapes (default: all)")
+    p.add_argument("--tokens", nargs="+", type=int, default=[], metavar="M", help="token counts (default: all)")
+    p.add_argument("--impl", nargs="+", default=[], metavar="NAME", dest="implementations",
+                   help="implementations: reference loop grouped_mm inductor_grouped_mm moecc_triton")
+    p.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=["eager", "graph"])
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="",
+                   help="default: bf16 on a GPU, fp32 for the CPU smoke run")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer token counts and repetitions (with --device cpu: tiny shapes)")
+    p.add_argument("--e2e", action="store_true", help="also run end-to-end decode (transformers models)")
+    p.add_argument("--e2e-only", action="store_true", help="only end-to-end decode")
+    p.add_argument("--e2e-models", nargs="+", default=[], metavar="NAME")
+    p.add_argument("--e2e-batches", nargs="+", type=int, default=[1, 32], metavar="B")
+    p.add_argument("--time-budget", type=float, default=540.0, metavar="SECONDS",
+                   help="points not started within this many seconds are recorded as skipped")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("moecc bench needs a CUDA GPU: torch.cuda.is_available() is False on this machine "
+              f"(torch {torch.__version__}). For the CPU smoke run of the harness, use "
+              "`moecc bench --device cpu --quick --out DIR`.", file=sys.stderr)
+        return 2
+    if args.device == "cpu" and not args.quick:
+        print("moecc bench --device cpu only runs with --quick (tiny shapes): CPU timings of the real "
+              "shapes say nothing about the GPU kernels.", file=sys.stderr)
+        return 2
+    try:
+        from moecc.bench.run_all import BenchOptions, run
+    except ModuleNotFoundError as exc:
+        print(f"moecc bench: the benchmark harness (bench/, imported as moecc.bench) is not importable "
+              f"({exc}); run from a source checkout with PYTHONPATH=<repo root>.", file=sys.stderr)
+        return 2
+    opts = BenchOptions(
+        out=args.out, shapes=tuple(args.shapes), tokens=tuple(args.tokens),
+        implementations=tuple(args.implementations), modes=tuple(args.modes), device=args.device,
+        dtype=args.dtype, quick=args.quick, e2e=args.e2e or args.e2e_only, kernels=not args.e2e_only,
+        e2e_models=tuple(args.e2e_models), e2e_batches=tuple(args.e2e_batches),
+        time_budget_s=args.time_budget)
+    try:
+        results = run(opts)
+    except (KeyError, ValueError) as exc:  # unknown shape / implementation names
+        print(f"moecc bench: {exc}", file=sys.stderr)
+        return 2
+    failed = [c for c in results["checks"] if not c["ok"]]
+    return 1 if failed else 0

@@ -1,0 +1,77 @@
+"""Typed, validated compile options: what `torch.compile(..., options={...})` may say.
+
+    torch.compile(model, backend="moecc", options={"kernel_backend": "triton"})
+
+An unknown key or a bad value is an error that lists what is valid. Options are a frozen
+value passed down the pipeline; nothing is stored globally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+KERNEL_BACKENDS = ("auto", "reference", "triton", "tvm")
+GRAPH_BACKENDS = ("inductor", "eager")
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class OptionsError(ValueError):
+    """A bad torch.compile option for the moecc backend."""
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Options of the moecc backend.
+
+    kernel_backend: which kernels run the MoE layers. "auto" picks Triton on CUDA GPUs,
+        TVM on CPU when apache-tvm is installed, else the reference (plain torch).
+    rest_of_graph: "inductor" compiles everything that is not an MoE layer with Inductor;
+        "eager" runs it as captured (fastest to compile, useful for debugging).
+    fuse_shared_experts: fold shared experts into the routed stack as always-active experts.
+    verify_capture: check each recognised layer numerically against the original subgraph
+        (random hidden states, the real weights) before replacing it.
+    dump_graphs: a folder; the graph after capture and after each pass is written there.
+    report: a moecc.CompileReport the caller owns; every compiled graph appends what
+        capture and each pass did (also logged to the `moecc` loggers).
+    """
+
+    kernel_backend: str = "auto"
+    rest_of_graph: str = "inductor"
+    fuse_shared_experts: bool = True
+    verify_capture: bool = True
+    dump_graphs: Optional[str] = None
+    report: Optional[Any] = field(default=None, compare=False)  # a moecc.CompileReport to fill
+    mode: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        _choice("rest_of_graph", self.rest_of_graph, GRAPH_BACKENDS)
+        _choice("mode", self.mode, MODES)
+        for name in ("fuse_shared_experts", "verify_capture"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionsError(f"moecc option {name!r} must be True or False, got {getattr(self, name)!r}")
+        from moecc.capture.report import CompileReport
+
+        if self.report is not None and not isinstance(self.report, CompileReport):
+            raise OptionsError(f"moecc option 'report' must be a moecc.CompileReport, got {type(self.report).__name__}")
+        if self.dump_graphs is not None and not isinstance(self.dump_graphs, str):
+            raise OptionsError(f"moecc option 'dump_graphs' must be a folder path, got {self.dump_graphs!r}")
+
+    @staticmethod
+    def from_torch_compile(options: Optional[dict[str, Any]], mode: Optional[str] = None) -> "CompileOptions":
+        options = dict(options or {})
+        valid = [f.name for f in dataclasses.fields(CompileOptions) if f.name != "mode"]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise OptionsError(
+                f"unknown moecc option(s) {unknown}; valid options: {', '.join(valid)}"
+            )
+        return CompileOptions(mode=mode, **options)
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        shown = ", ".join(repr(a) for a in allowed if a is not None)
+        raise OptionsError(f"moecc option {name!r} must be one of {shown}; got {value!r}")

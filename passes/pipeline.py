@@ -1,0 +1,37 @@
+"""The pass pipeline: an explicit, ordered list. Order matters; each pass states why.
+
+1. expert_fusion   canonical layouts + shared experts folded (kernels need it)
+2. lower_kernels   bind layers to Triton / TVM / reference ops (needs canonical layouts)
+"""
+
+from __future__ import annotations
+
+import os
+
+from moecc.capture.report import PassResult
+from moecc.passes import expert_fusion, lower_kernels
+from moecc.passes.context import PassContext
+
+PIPELINE = (expert_fusion, lower_kernels)
+
+
+def run_pipeline(ctx: PassContext, graph_index: int = 0) -> list[PassResult]:
+    results = []
+    _dump(ctx, graph_index, "capture")
+    for p in PIPELINE:
+        result = p.run(ctx)
+        ctx.gm.graph.lint()
+        ctx.gm.recompile()
+        results.append(result)
+        _dump(ctx, graph_index, p.NAME)
+    return results
+
+
+def _dump(ctx: PassContext, graph_index: int, stage: str) -> None:
+    folder = ctx.options.dump_graphs
+    if not folder:
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"graph{graph_index:02d}_{stage}.txt")
+    with open(path, "w") as f:
+        f.write(ctx.gm.print_readable(print_output=False))
