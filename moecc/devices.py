@@ -2,11 +2,20 @@
 
 Limits (shared memory per block, registers) decide which kernel configurations may run;
 rates (memory bandwidth, peak matmul throughput) feed predictions and roofline floors.
-Figures are vendor datasheet values (dense, no sparsity); a measured roofline always uses
-rates measured in the same run, never these.
+Figures are vendor datasheet values (dense, no sparsity; tensor-core rates with fp32
+accumulation, which for GeForce cards is half their fp16-accumulate rate); a measured
+roofline always uses rates measured in the same run, never these. Checked 2026-11 against
+the H100/H200/A100/L40S datasheets and the Ada (RTX 4090), Ampere (RTX 3090) and
+Blackwell (RTX 5090) whitepapers; shared memory per block is the opt-in maximum of the
+CUDA programming guide (227 KiB sm_90, 163 KiB sm_80, 99 KiB sm_86/sm_89/sm_120).
+Known simplification: the A100 40 GB (1555 GB/s) shares the "a100" key with the 80 GB
+SXM figures.
 
 Device keys are normalised: several spellings of one GPU ("NVIDIA H100 80GB HBM3",
 "H100-SXM5-80GB", compute capability 9.0 with 132 SMs) map to one key ("h100_sxm").
+Other cards of a family (H100 NVL, RTX 4090 D, laptop GPUs, 3090 Ti) do not borrow a
+profile: they get their own stable slug key ("h100_nvl_sm90") and can be tuned, not
+predicted. `current_profile` builds a limits-only profile for such a GPU.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ BUILTIN_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
                                              first_k_dense_replace=1, routed_scaling_factor=2.5,
                                              norm_topk_prob=True, q_lora_rank=None, kv_lora_rank=16,
                                              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8,
-                                             num_hidden_layers=3)),
+                                             num_hidden_layers=3, num_key_value_heads=4)),
     "gpt-oss-tiny": ("gpt_oss", dict(_COMMON, head_dim=16, num_local_experts=8, num_experts_per_tok=2,
                                      intermediate_size=32, sliding_window=32,
                                      layer_types=["sliding_attention", "full_attention"],
@@ -85,9 +85,13 @@ def build_model(name_or_path: str, *, dtype=None, experts_implementation: str = 
     with torch.no_grad():
         # Tiny random models with the default init route almost uniformly; wider router
         # weights and score-correction biases make routing decisive, as in trained models.
+        # A wide LM head gives greedy decoding margins well above bf16 rounding noise, as
+        # trained models have; with the default init, near-ties flip tokens in bf16.
         for name, p in model.named_parameters():
             if name.endswith(("gate.weight", "router.weight")):
                 p.normal_(0.0, 0.5)
+            elif name == "lm_head.weight":
+                p.normal_(0.0, 1.0)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.1)

@@ -33,6 +33,8 @@ class CompileOptions:
     verify_capture: check each recognised layer numerically against the original subgraph
         (random hidden states, the real weights) before replacing it.
     dump_graphs: a folder; the graph after capture and after each pass is written there.
+    mode: torch.compile's mode. torch.compile refuses `mode=` together with `options=`,
+        so the mode may also be given as options={"mode": "reduce-overhead", ...}.
     report: a moecc.CompileReport the caller owns; every compiled graph appends what
         capture and each pass did (also logged to the `moecc` loggers).
     """
@@ -62,13 +64,16 @@ class CompileOptions:
     @staticmethod
     def from_torch_compile(options: Optional[dict[str, Any]], mode: Optional[str] = None) -> "CompileOptions":
         options = dict(options or {})
-        valid = [f.name for f in dataclasses.fields(CompileOptions) if f.name != "mode"]
+        valid = [f.name for f in dataclasses.fields(CompileOptions)]
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise OptionsError(
                 f"unknown moecc option(s) {unknown}; valid options: {', '.join(valid)}"
             )
-        return CompileOptions(mode=mode, **options)
+        if mode is not None and options.get("mode") not in (None, mode):
+            raise OptionsError(f"mode given twice: mode={mode!r} and options['mode']={options['mode']!r}")
+        options.setdefault("mode", mode)
+        return CompileOptions(**options)
 
 
 def _choice(name: str, value, allowed) -> None:

@@ -10,7 +10,7 @@ Does:    - gate/up to one concatenated [E, 2N, K] stack (from interleaved GPT-OS
 Guarantees: afterwards every layer node has spec.experts.canonical == True, its weight
            arguments in canonical layout, and unchanged numerics (same reference op).
 Counters: layers (fused layers), relayouts (layers whose weights were re-laid out),
-          shared_folded (shared experts appended), derived_mib.
+          shared_folded (shared experts appended), derived_kib.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def run(ctx: PassContext) -> PassResult:
         counters["shared_folded"] += spec.experts.num_shared
     # No eliminate_dead_code(): FX would drop in-place ops elsewhere in the model whose
     # results are unused (their effect is the mutation). Old weight args are placeholders.
-    counters["derived_mib"] = round((ctx.weights.derived_bytes - before) / 2**20)
+    counters["derived_kib"] = (ctx.weights.derived_bytes - before) // 1024
     if ctx.weights.derived_bytes > before:
         notes.append(f"derived weights kept: {(ctx.weights.derived_bytes - before) / 2**20:.2f} MiB "
                      "(originals stay with the model)")

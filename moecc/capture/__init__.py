@@ -120,8 +120,9 @@ def _rewrite(gm: fx.GraphModule, region, rec, spec) -> None:
         result = layer if out_ev.dim() == 2 else graph.call_method("view_as", (layer, rec.hidden))
     rec.output.replace_all_uses_with(result)
     for n in reversed(region.nodes):
-        if not n.users:
+        if n not in rec.keep and not n.users:
             graph.erase_node(n)
-    leftover = [n for n in region.nodes if n in set(graph.nodes)]
+    alive = set(graph.nodes)
+    leftover = [n for n in region.nodes if n in alive and n not in rec.keep]
     if leftover:
         raise RuntimeError(f"capture of {region.path} left nodes behind: {[n.name for n in leftover]}")

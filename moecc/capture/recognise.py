@@ -46,6 +46,7 @@ class Recognised:
     candidates: list[MoELayerSpec]  # most likely first
     experts_implementation: str
     externals: list[fx.Node] = field(default_factory=list)
+    keep: set[fx.Node] = field(default_factory=set)  # shape computations used outside: not erased
 
 
 # Parameter names -> MoEWeights roles. Owner-module names decide shared vs routed.
@@ -74,7 +75,9 @@ def recognise(region: Region) -> Recognised:
     if len(activations) != 1:
         raise Decline(f"expected one activation input, found {len(activations)}: {[a.name for a in activations]}")
     hidden = activations[0]
-    outputs = [n for n in region.nodes if any(u not in nodes for u in n.users)]
+    escaping = [n for n in region.nodes if any(u not in nodes for u in n.users)]
+    outputs = [n for n in escaping if isinstance(example_value(n), torch.Tensor)]
+    keep = _shape_only_closure([n for n in escaping if n not in outputs], nodes)
     if len(outputs) != 1:
         raise Decline(f"expected one result leaving the layer, found {len(outputs)}: {[o.name for o in outputs]}")
     output = outputs[0]
@@ -95,7 +98,32 @@ def recognise(region: Region) -> Recognised:
     if "gate" in weights:  # separate gate and up stacks travel as gate_up (gate) + up
         weights["gate_up"] = weights.pop("gate")
     impl = _experts_implementation(region)
-    return Recognised(hidden, output, weights, candidates, impl, externals)
+    return Recognised(hidden, output, weights, candidates, impl, externals, keep)
+
+
+_SHAPE_ONLY_OPS = {"size", "sym_size", "view", "reshape", "getattr", "getitem", "mul", "add", "sub",
+                   "floordiv", "truediv", "sym_numel", "numel", "dim"}
+
+
+def _shape_only_closure(roots: list[fx.Node], nodes: set[fx.Node]) -> set[fx.Node]:
+    """Symbolic sizes computed inside the layer but used outside (Dynamo shares them).
+
+    They are kept in the graph with everything inside the layer they depend on, which
+    must be shape arithmetic or views of the input: anything that computes is a Decline.
+    """
+    keep: set[fx.Node] = set()
+    stack = list(roots)
+    while stack:
+        n = stack.pop()
+        if n in keep:
+            continue
+        if isinstance(example_value(n), torch.Tensor) and call_name(n) not in ("view", "reshape"):
+            raise Decline(f"a size used outside the layer depends on {n.name} ({call_name(n)})")
+        if call_name(n) not in _SHAPE_ONLY_OPS and not isinstance(example_value(n), (int, torch.SymInt)):
+            raise Decline(f"{n.name} ({call_name(n)}) is used outside the layer")
+        keep.add(n)
+        stack.extend(a for a in n.all_input_nodes if a in nodes)
+    return keep
 
 
 def _same_size(a, b) -> bool:

@@ -55,6 +55,11 @@ class CompileReport:
 
     graphs: list[GraphReport] = field(default_factory=list)
 
+    def __deepcopy__(self, memo):
+        # A report is a sink shared by reference: transformers' CompileConfig deep-copies
+        # torch.compile options, and the copy must still fill the caller's report.
+        return self
+
     @property
     def captured(self) -> list[CapturedLayer]:
         return [c for g in self.graphs for c in g.captured]

@@ -49,6 +49,8 @@ def verify(gm: fx.GraphModule, region: Region, rec: Recognised, real_values: dic
             inputs.append(None)  # filled below once the device is known
             continue
         value = real_values.get(ext)
+        if isinstance(value, torch.SymInt):
+            value = concrete_int(value)
         if value is None:
             ev = example_value(ext)
             if isinstance(ev, (int, torch.SymInt)):

@@ -8,9 +8,10 @@
     moecc autotune --plot                                 # PNG of roofline fractions
 
 Without --model/--shape the four reference shapes (moecc/shapes.py) are used. Tables go
-to --out, else $MOECC_TUNING_DIR, else the default cache folder, all of which
-torch.compile(backend="moecc") reads (the first two only while $MOECC_TUNING_DIR points
-there).
+to --out, else $MOECC_TUNING_DIR, else the default cache folder ~/.cache/moecc/tuning.
+torch.compile(backend="moecc") reads $MOECC_TUNING_DIR and the default cache folder (and
+the tables shipped in the package): a table written elsewhere with --out is used once it
+is copied there or $MOECC_TUNING_DIR points to its folder.
 """
 
 from __future__ import annotations
@@ -38,8 +39,12 @@ def register(subparsers) -> None:
     how = p.add_argument_group("how")
     how.add_argument("--budget", default=None, help="stop after this long (90s, 5m, 1h); rerun to resume")
     how.add_argument("--out", default=None, type=Path, help="folder for the tables (default: see above)")
+    how.add_argument("--max-configs", type=int, default=40, metavar="N",
+                     help="measure at most the cost model's best N configs per token count (0: all)")
     how.add_argument("--fit-check", default="auto", choices=("auto", "aot", "analytic"),
-                     help="shared-memory check: AOT compile when available (auto), or the estimate only")
+                     help="shared-memory pruning (docs/tuning.md): auto = lower bound, then the launch "
+                          "(tuning) or an ahead-of-time compile of the chosen config (--predict); "
+                          "analytic = conservative estimate only, no compiling; aot = compile every candidate")
     modes = p.add_argument_group("other modes")
     modes.add_argument("--predict", action="store_true",
                        help="write predicted tables from the device profile (no GPU needed)")
@@ -196,6 +201,9 @@ def _tune(args, shapes, batches) -> int:
     from moecc.tuning.keys import TableKey, compiler_of, compiler_version
     from moecc.tuning.tune import measure_ceilings, parse_budget, plan, require_cuda, tune_table
 
+    if not args.op.startswith("triton."):
+        raise ValueError(f"timing {args.op} is not implemented: `moecc autotune` tunes the Triton kernels "
+                         "(--op triton.moe)")
     require_cuda()  # before anything slow: the error names --predict
     deadline = time.monotonic() + parse_budget(args.budget)
     prof = current_profile()
@@ -213,12 +221,12 @@ def _tune(args, shapes, batches) -> int:
         for label, shape in shapes:
             key = TableKey(device, args.op, args.strategy, tuple(shape), args.dtype,
                            compiler_version(compiler_of(args.op)))
-            total = len(plan(key, batches, prof, args.fit_check))
+            total = len(plan(key, batches, prof, args.fit_check, args.max_configs))
             task = bar.add_task(label, total=total, now="")
             report = tune_table(key, out / key.filename, batches, prof, deadline=deadline,
                                 progress=lambda s, t=task: bar.update(t, now=s),
                                 advance=lambda t=task: bar.advance(t), on_corrupt=_report_corrupt,
-                                fit_mode=args.fit_check, ceilings=ceilings)
+                                fit_mode=args.fit_check, ceilings=ceilings, max_configs=args.max_configs)
             bar.update(task, now=f"{report.measured} measured, {report.skipped} resumed, {report.failed} failed")
             if report.out_of_budget:
                 bar.console.print(f"budget spent during {label}; rerun the same command to resume")

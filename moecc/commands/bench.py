@@ -35,14 +35,23 @@ def register(subparsers) -> None:
     p.add_argument("--e2e-only", action="store_true", help="only end-to-end decode")
     p.add_argument("--e2e-models", nargs="+", default=[], metavar="NAME")
     p.add_argument("--e2e-batches", nargs="+", type=int, default=[1, 32], metavar="B")
-    p.add_argument("--time-budget", type=float, default=540.0, metavar="SECONDS",
-                   help="points not started within this many seconds are recorded as skipped")
+    p.add_argument("--from-results", metavar="RESULTS_JSON",
+                   help="measure nothing: print the tables and write the plot into --out from a results.json "
+                        "(e.g. one fetched from a GPU machine without matplotlib)")
+    p.add_argument("--time-budget", type=float, default=480.0, metavar="SECONDS",
+                   help="work not started within this many seconds is recorded as skipped "
+                        "(default 480: the whole run fits one 10-minute GPU command)")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    if args.from_results:
+        from moecc.bench.run_all import rerender
+
+        rerender(args.from_results, args.out)
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("moecc bench needs a CUDA GPU: torch.cuda.is_available() is False on this machine "
               f"(torch {torch.__version__}). For the CPU smoke run of the harness, use "

@@ -16,10 +16,11 @@ Falling back to 3 or 4, or using a table whose entries were predicted, emits exa
 `TuningFallbackWarning` per database per key (not per token count) naming the command
 that tunes it. On "cpu" (nothing to tune) the note goes to logging at INFO instead.
 
-Cost of a repeated call: a stat of each folder and of the chosen file. Folder listings
-are cached by the folder's mtime (os.replace of a new table changes it), parsed tables by
-(mtime_ns, size) of the file. Corrupt files are reported once per (file, mtime) and
-skipped.
+Cost of a repeated call: a stat of each folder and of the chosen file (a few
+microseconds). Results are memoised per lookup arguments and revalidated by those stats;
+folder listings are cached by the folder's mtime (os.replace of a new table changes it),
+parsed tables by (mtime_ns, size, inode) of the file. Corrupt files are reported once per
+(file, signature) and skipped. Results from the caller's `default()` are not memoised.
 
 Nearest bucket: smallest |log2(M) - log2(bucket)|; a tie goes to the larger bucket.
 Buckets are geometric (1, 4, 16, ...), so distance is measured on that scale.
@@ -27,12 +28,14 @@ Buckets are geometric (1, 4, 16, ...), so distance is measured on that scale.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
 import os
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -75,20 +78,22 @@ class LookupResult:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "moecc" / "tuning"
+    return Path(_user_dir_strings(None, os.environ.get("XDG_CACHE_HOME"))[-1])
 
 
 def user_dirs() -> list[Path]:
     """The user's folders in lookup order, read from the environment at each call."""
-    dirs = []
-    env = os.environ.get(ENV_DIR)
-    if env:
-        dirs.append(Path(env).expanduser())
-    dirs.append(default_cache_dir())
-    return dirs
+    return [Path(d) for d in _user_dir_strings(os.environ.get(ENV_DIR), os.environ.get("XDG_CACHE_HOME"))]
 
 
+@functools.lru_cache(maxsize=16)
+def _user_dir_strings(env_dir: str | None, xdg_cache: str | None) -> tuple[str, ...]:
+    base = xdg_cache or os.path.join(os.path.expanduser("~"), ".cache")
+    dirs = [os.path.expanduser(env_dir)] if env_dir else []
+    return tuple(dirs) + (os.path.join(base, "moecc", "tuning"),)
+
+
+@functools.lru_cache(maxsize=1)
 def packaged_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "tuning_tables"
 
@@ -111,25 +116,25 @@ class TuningDatabase:
         self._folders = folders
         self._predictor = predictor
         self._lock = threading.Lock()
-        self._listings: dict[Path, tuple[int, dict]] = {}  # folder -> (mtime_ns, {stem: [(ver, path)]})
-        self._tables: dict[Path, tuple[tuple[int, int], dict | None]] = {}  # file -> (stat, table|None)
+        self._listings: dict[str, tuple[int, dict]] = {}  # folder -> (mtime_ns, {stem: [(ver, path)]})
+        self._tables: dict[str, tuple[tuple, dict | None]] = {}  # file -> (stat signature, table|None)
         self._warned: set = set()
+        self._results: dict[tuple, tuple] = {}  # lookup args -> (folder state, result, file sig)
 
     # -- tiers -----------------------------------------------------------------
-    def folders(self) -> list[tuple[str, Path]]:
+    def folders(self) -> list[tuple[str, str]]:
         if self._folders is not None:
-            return list(self._folders)
-        return [("user", d) for d in user_dirs()] + [("packaged", packaged_dir())]
+            return [(src, str(folder)) for src, folder in self._folders]
+        env = _user_dir_strings(os.environ.get(ENV_DIR), os.environ.get("XDG_CACHE_HOME"))
+        return [("user", d) for d in env] + [("packaged", str(packaged_dir()))]
 
-    def _listing(self, folder: Path) -> dict:
-        try:
-            mtime = folder.stat().st_mtime_ns
-        except OSError:
+    def _listing(self, folder: str, mtime: int | None) -> dict:
+        if mtime is None:
             return {}
         cached = self._listings.get(folder)
         if cached and cached[0] == mtime:
             return cached[1]
-        index: dict[str, list[tuple[str, Path]]] = {}
+        index: dict[str, list[tuple[str, str]]] = {}
         try:
             names = os.listdir(folder)
         except OSError:
@@ -137,62 +142,75 @@ class TuningDatabase:
         for name in names:
             key = parse_filename(name)
             if key is not None:
-                index.setdefault(key.stem, []).append((key.version, folder / name))
+                index.setdefault(key.stem, []).append((key.version, os.path.join(folder, name)))
         for versions in index.values():
             versions.sort(key=lambda vp: _version_tuple(vp[0]), reverse=True)
         self._listings[folder] = (mtime, index)
         return index
 
-    def _table(self, path: Path) -> dict | None:
-        try:
-            st = path.stat()
-        except OSError:
-            return None
-        sig = (st.st_mtime_ns, st.st_size)
+    def _table(self, path: str) -> tuple[tuple | None, dict | None]:
+        """(file signature, parsed table or None when missing/corrupt)."""
+        sig = _file_sig(path)
+        if sig is None:
+            return None, None
         cached = self._tables.get(path)
         if cached and cached[0] == sig:
-            return cached[1]
+            return sig, cached[1]
         try:
             table = read_table(path)
         except CorruptTableError as exc:
-            warnings.warn(str(exc), CorruptTuningFileWarning, stacklevel=4)
+            warnings.warn(str(exc), CorruptTuningFileWarning, stacklevel=5)
             table = None
         self._tables[path] = (sig, table)
-        return table
+        return sig, table
 
-    def find_table(self, key: TableKey) -> Iterable[tuple[str, Path, dict]]:
-        """(source, path, table) for every readable table of `key`, best first."""
-        for source, folder in self.folders():
-            versions = self._listing(Path(folder)).get(key.stem, [])
+    def find_table(self, key: TableKey, folders=None, mtimes=None) -> Iterable[tuple[str, str, tuple, dict]]:
+        """(source, path, file signature, table) for every readable table of `key`, best first."""
+        folders = folders if folders is not None else self.folders()
+        mtimes = mtimes if mtimes is not None else [_dir_mtime(f) for _, f in folders]
+        for (source, folder), mtime in zip(folders, mtimes):
+            versions = self._listing(folder, mtime).get(key.stem, [])
             ordered = sorted(versions, key=lambda vp: vp[0] != key.version)  # exact version first
             for _, path in ordered:
-                table = self._table(path)
+                sig, table = self._table(path)
                 if table is not None and table["entries"]:
-                    yield source, path, table
+                    yield source, path, sig, table
 
     # -- the lookup --------------------------------------------------------------
     def lookup(self, op: str, shape: tuple, dtype: str, num_tokens: int, device_key: str | None,
                *, default: Callable[[], dict], strategy: str = STRATEGY_AUTO) -> LookupResult:
         device = device_key or current_device_key()
         shape = tuple(int(v) for v in shape)
-        key = TableKey(device, op, strategy, shape, dtype, compiler_version(compiler_of(op)))
         with self._lock:
-            for source, path, table in self.find_table(key):
-                bucket = nearest_bucket(table["entries"], num_tokens)
-                entry = table["entries"][bucket]
-                predicted = entry["origin"] == "predicted"
-                if predicted:
-                    self._warn_once(key, f"its {source} table {path.name} holds predicted, not measured,"
-                                         " configurations")
-                return LookupResult(dict(entry["config"]), source, str(path), bucket, predicted, device)
-            predicted_cfg = self._predict(key, num_tokens)
-            if predicted_cfg is not None:
-                self._warn_once(key, "no tuned table exists; using a configuration predicted from the"
-                                     " device profile")
-                return LookupResult(predicted_cfg, "predicted", None, num_tokens, True, device)
-            self._warn_once(key, "no tuned table exists and the device has no profile; using the default"
-                                 " configuration")
-            return LookupResult(dict(default()), "default", None, None, False, device)
+            folders = self.folders()
+            mtimes = [_dir_mtime(f) for _, f in folders]
+            memo_key = (op, shape, dtype, num_tokens, device, strategy)
+            memo = self._results.get(memo_key)
+            if memo and memo[0] == (folders, mtimes) and (memo[2] is None or _file_sig(memo[1].path) == memo[2]):
+                return dataclasses.replace(memo[1], config=dict(memo[1].config))
+            res, file_sig = self._lookup(op, shape, dtype, num_tokens, device, default, strategy, folders, mtimes)
+            if res.source != "default":  # default() may differ between callers: never memoised
+                self._results[memo_key] = ((folders, mtimes), res, file_sig)
+            return dataclasses.replace(res, config=dict(res.config))
+
+    def _lookup(self, op, shape, dtype, num_tokens, device, default, strategy, folders, mtimes):
+        key = TableKey(device, op, strategy, shape, dtype, compiler_version(compiler_of(op)))
+        for source, path, sig, table in self.find_table(key, folders, mtimes):
+            bucket = nearest_bucket(table["entries"], num_tokens)
+            entry = table["entries"][bucket]
+            predicted = entry["origin"] == "predicted"
+            if predicted:
+                self._warn_once(key, f"its {source} table {os.path.basename(path)} holds predicted, not"
+                                     " measured, configurations")
+            return LookupResult(dict(entry["config"]), source, path, bucket, predicted, device), sig
+        predicted_cfg = self._predict(key, num_tokens)
+        if predicted_cfg is not None:
+            self._warn_once(key, "no tuned table exists; using a configuration predicted from the"
+                                 " device profile")
+            return LookupResult(predicted_cfg, "predicted", None, num_tokens, True, device), None
+        self._warn_once(key, "no tuned table exists and the device has no profile; using the default"
+                             " configuration")
+        return LookupResult(dict(default()), "default", None, None, False, device), None
 
     def _predict(self, key: TableKey, num_tokens: int) -> dict | None:
         predictor = self._predictor
@@ -218,6 +236,21 @@ class TuningDatabase:
             f"To tune it on this GPU run: {key.tune_command()}",
             TuningFallbackWarning, stacklevel=4,
         )
+
+
+def _dir_mtime(folder: str) -> int | None:
+    try:
+        return os.stat(folder).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _file_sig(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def _version_tuple(version: str) -> tuple:

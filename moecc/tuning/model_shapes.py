@@ -1,8 +1,9 @@
 """MoE shapes (E, N, K, top_k) from a model: a transformers config.json, or a built-in name.
 
-Order: `moecc.models.load_config(name_or_path)` when that module exists (the lead's
-loader: built-in names and paths); otherwise a path to a JSON file (or a folder holding
-config.json) is parsed here, and a reference-shape name (moecc/shapes.py) is accepted.
+Order: a reference-shape name (moecc/shapes.py: "qwen3-30b-a3b", ...); then
+`moecc.models.load_config(name_or_path)` when that module imports (built-in tiny models
+and config.json paths, via transformers); otherwise a path to a JSON file (or a folder
+holding config.json) is parsed here without transformers.
 Field names read, first present wins:
     E      num_experts, num_local_experts, n_routed_experts
     top_k  num_experts_per_tok, experts_per_token, moe_top_k
@@ -51,12 +52,20 @@ def shape_from_config(cfg, origin: str = "config") -> tuple[int, int, int, int]:
 
 def shapes_from_model(name_or_path: str) -> list[tuple[str, tuple[int, int, int, int]]]:
     """[(label, shape)] for a model name or config path (one MoE shape per model)."""
+    from moecc.shapes import REFERENCE_SHAPES
+
+    for s in REFERENCE_SHAPES:
+        if s.name == name_or_path:
+            return [(s.name, (s.num_experts, s.intermediate_size, s.hidden_size, s.top_k))]
     try:
         from moecc.models import load_config
-    except ImportError:
+    except ImportError:  # the lead's loader (needs transformers) is absent: parse JSON here
         load_config = None
     if load_config is not None:
-        cfg = load_config(name_or_path)
+        try:
+            cfg = load_config(name_or_path)
+        except FileNotFoundError as exc:
+            raise ValueError(f"{exc}; reference shapes: {', '.join(s.name for s in REFERENCE_SHAPES)}") from None
         return [(str(name_or_path), shape_from_config(cfg, str(name_or_path)))]
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -67,10 +76,5 @@ def shapes_from_model(name_or_path: str) -> list[tuple[str, tuple[int, int, int,
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"cannot read model config {path}: {exc}") from None
         return [(path.parent.name or str(path), shape_from_config(cfg, str(path)))]
-    from moecc.shapes import REFERENCE_SHAPES
-
-    for s in REFERENCE_SHAPES:
-        if s.name == name_or_path:
-            return [(s.name, (s.num_experts, s.intermediate_size, s.hidden_size, s.top_k))]
     raise ValueError(f"{name_or_path!r} is neither a config.json path nor a known model name "
                      f"({', '.join(s.name for s in REFERENCE_SHAPES)})")

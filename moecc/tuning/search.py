@@ -11,17 +11,23 @@ expected tokens per active expert is at most 16, prefill from M >= 16 on; both i
 between, so the tuner decides there.
 
 Pruning by the device (`check_fit`): a configuration must fit the profile's
-`max_shared_memory_per_block`.
-  * analytic estimate (always computed, `shared_memory_bytes`): the first GEMM keeps,
-    per pipeline stage, one activation tile [BM, BK] and two weight tiles [BN, BK]
-    (gate and up) in shared memory:  stages * (BM*BK + 2*BN*BK) * bytes_per_element.
-    Over the limit -> rejected without compiling.
-  * ahead-of-time check: when `moecc.backends.triton.aot.check_config_fits(config,
-    shape, dtype, profile)` is importable (the Triton engineer's module) and
-    mode="auto" or "aot", a configuration the estimate admits is compiled for the
-    profile's arch and its real `metadata.shared` compared with the limit (Triton does
-    not check that when compiling ahead of time). mode="analytic" skips it (tests,
-    prediction on machines where compiling every candidate would be too slow).
+`max_shared_memory_per_block`. Per pipeline stage the first (gate+up) GEMM keeps one
+activation tile [BM, BK] and two weight tiles [BN, BK] (gate and up) in shared memory;
+per_stage = (BM*BK + 2*BN*BK) * bytes_per_element.
+  * analytic estimate (`shared_memory_bytes`): stages * per_stage. Conservative: Triton
+    keeps stages - 1 tile sets (measured with the AOT check: BM64 BN128 BK64, 3 stages,
+    bf16 uses 81920 B, the estimate says 122880), so what the estimate admits fits.
+  * lower bound (`shared_memory_lower_bound`): (stages - 1) * per_stage. Over the limit
+    -> certainly does not fit, rejected without compiling.
+  * ahead-of-time check: `moecc.backends.triton.aot.check_config_fits(config, shape,
+    dtype, profile)` (the Triton engineer's module) compiles both GEMMs for the profile's
+    arch and compares the real `metadata.shared` with the limit (Triton does not check it
+    when compiling ahead of time). A few seconds per config on a CPU.
+Modes: "analytic" admits exactly what the estimate admits (no compiles: tests, lookup-time
+prediction). "auto" (default) admits what the estimate admits, rejects what the lower
+bound rejects, and compiles only the configurations in between, when the AOT module is
+importable (otherwise behaves as "analytic"). "aot" compiles everything the lower bound
+admits.
 Results of the AOT check are cached per (config, shape, dtype, device).
 """
 
@@ -92,8 +98,8 @@ def candidate_configs(strategy: str, num_tokens: int, shape: tuple) -> list:
     if strategy == "decode":
         space = itertools.product([16], [32, 64, 128, 256], [64, 128, 256], [1, 2, 4, 8], [4, 8], [2, 3, 4, 5])
         for bm, bn, bk, split, warps, stages in space:
-            if bn > _next_pow2(n) or bk > _next_pow2(k) or bk * split > max(k, n):
-                continue
+            if bn > _next_pow2(n) or bk > _next_pow2(k) or (split > 1 and 2 * bk * split > n):
+                continue  # split-K of the down GEMM (reduction over N) keeps >= 2 BK steps per split
             out.append(KernelConfig(bm, bn, bk, 1, split, warps, stages, "decode"))
     elif strategy == "prefill":
         max_bm = min(128, max(16, 2 * _next_pow2(tokens_per_active_expert(num_tokens, shape))))
@@ -129,23 +135,32 @@ def _aot_fit(config, shape: tuple, dtype: str, profile: DeviceProfile) -> FitRes
     return _AOT_CACHE[ident]
 
 
+def shared_memory_lower_bound(config, dtype: str) -> int:
+    """(stages - 1) tile sets: what Triton's pipeliner keeps at least."""
+    b = dtype_bytes(dtype)
+    return max(1, config.num_stages - 1) * (config.block_m * config.block_k + 2 * config.block_n * config.block_k) * b
+
+
 def check_fit(config, shape: tuple, dtype: str, profile: DeviceProfile, mode: str = "auto") -> FitResult:
-    """Whether `config` may run on `profile` (see module docstring for the two checks)."""
+    """Whether `config` may run on `profile` (see module docstring for the checks)."""
     if mode not in ("auto", "aot", "analytic"):
         raise ValueError(f"fit mode {mode!r} is not auto, aot or analytic")
     est = shared_memory_bytes(config, dtype)
     limit = profile.max_shared_memory_per_block
-    if est > limit:
-        return FitResult(False, est, f"estimated shared memory {est} B exceeds {profile.name}'s "
-                                     f"{limit} B per block (sm_{profile.arch})")
-    if mode != "analytic" and _aot_checker() is not None:
-        try:
-            return _aot_fit(config, tuple(shape), dtype, profile)
-        except Exception as exc:  # an AOT failure means this config cannot be built
-            return FitResult(False, est, f"ahead-of-time compile failed: {exc!r}", "aot")
-    elif mode == "aot":
-        raise RuntimeError("mode='aot' needs moecc.backends.triton.aot.check_config_fits, not importable")
-    return FitResult(True, est, f"estimated shared memory {est} B within {limit} B")
+    where = f"{profile.name}'s {limit} B per block (sm_{profile.arch})"
+    if mode == "analytic" or (mode == "auto" and est <= limit) or _aot_checker() is None:
+        if mode == "aot" and _aot_checker() is None:
+            raise RuntimeError("fit mode 'aot' needs moecc.backends.triton.aot.check_config_fits")
+        if est > limit:
+            return FitResult(False, est, f"estimated shared memory {est} B exceeds {where}")
+        return FitResult(True, est, f"estimated shared memory {est} B within {where}")
+    low = shared_memory_lower_bound(config, dtype)
+    if low > limit:
+        return FitResult(False, low, f"at least {low} B of shared memory, over {where}")
+    try:
+        return _aot_fit(config, tuple(shape), dtype, profile)
+    except Exception as exc:  # an AOT failure means this config cannot be built
+        return FitResult(False, est, f"ahead-of-time compile failed: {exc!r}", "aot")
 
 
 def pruned_candidates(strategy: str, num_tokens: int, shape: tuple, dtype: str, profile: DeviceProfile,

@@ -20,9 +20,9 @@ entries (what `moecc autotune --plot` draws) and may hold predicted estimates ot
 
 Writes: `write_table` writes a temp file in the same folder and `os.replace`s it, so a
 reader sees the old file or the new one, never half of one. `merge_entries` takes an
-exclusive `fcntl.flock` on "<file>.lock", re-reads the file, merges, writes: two tuners
-adding entries to the same table at once both keep theirs. Where fcntl is missing
-(Windows) the merge is unlocked, which the docs say.
+exclusive `fcntl.flock` on ".<file>.lock" (hidden, beside it), re-reads the file,
+merges, writes: two tuners adding entries to the same table at once both keep theirs.
+Where fcntl is missing (Windows) the merge is unlocked, which the docs say.
 
 A file that does not parse or does not validate raises `CorruptTableError`, which names
 the file; callers report it and skip the file.
@@ -112,6 +112,7 @@ def write_table(path: os.PathLike | str, table: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; tables are meant to be shared and read by others
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(table_to_json(table))
             f.flush()
@@ -125,8 +126,12 @@ def write_table(path: os.PathLike | str, table: dict) -> None:
 
 @contextlib.contextmanager
 def file_lock(path: os.PathLike | str):
-    """Exclusive advisory lock on "<path>.lock" for the duration of the block."""
-    lock_path = Path(f"{path}.lock")
+    """Exclusive advisory lock on ".<name>.lock" beside `path` for the duration of the block.
+
+    The lock file stays (removing it would let a third writer lock a different inode).
+    """
+    path = Path(path)
+    lock_path = path.with_name(f".{path.name}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl

@@ -1,0 +1,37 @@
+"""Shared checks for compiled-vs-eager model tests (hidet-style `check_module`)."""
+
+from __future__ import annotations
+
+import torch
+
+import moecc
+
+# Logit tolerance relative to the largest |logit|. fp32: the MoE op sums experts in a
+# different order than transformers' code -> rounding-level differences (measured ~4e-7).
+# bf16: eager rounds each expert's output and the combine to bf16 while moecc accumulates
+# in fp32; through a few layers that moves logits by up to ~1% of their range (measured
+# 4e-3..9e-3 on the built-in models), so 3e-2 leaves margin without hiding real errors
+# (a missing scaling factor or wrong expert moves them by 20-50%).
+LOGIT_RTOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+def moe_block_count(model) -> int:
+    """Routed-MoE blocks in a transformers model: modules that own an `experts` child."""
+    return sum(1 for m in model.modules() if hasattr(m, "experts") and isinstance(m.experts, torch.nn.Module))
+
+
+def compile_with_report(model, **options):
+    report = moecc.CompileReport()
+    options.setdefault("kernel_backend", "reference")
+    options.setdefault("rest_of_graph", "eager")
+    compiled = torch.compile(model, backend="moecc", fullgraph=True, options={"report": report, **options})
+    return compiled, report
+
+
+def assert_logits_close(compiled_logits: torch.Tensor, eager_logits: torch.Tensor) -> None:
+    assert compiled_logits.shape == eager_logits.shape
+    assert compiled_logits.dtype == eager_logits.dtype
+    assert torch.isfinite(compiled_logits).all(), "compiled logits contain NaN/inf"
+    scale = eager_logits.float().abs().max()
+    err = (compiled_logits.float() - eager_logits.float()).abs().max() / scale
+    assert err <= LOGIT_RTOL[eager_logits.dtype], f"relative logit error {err:.3e}"
