@@ -33,6 +33,10 @@ class CompileOptions:
     verify_capture: check each recognised layer numerically against the original subgraph
         (random hidden states, the real weights) before replacing it.
     dump_graphs: a folder; the graph after capture and after each pass is written there.
+    release_original_weights: where a derived weight (e.g. routed + shared experts in one
+        stack) contains an original parameter unchanged, rebind that parameter to a view of
+        the derived tensor so the two share memory. The model keeps working; its parameter
+        now aliases moecc's tensor. Off by default because it changes parameter storage.
     mode: torch.compile's mode. torch.compile refuses `mode=` together with `options=`,
         so the mode may also be given as options={"mode": "reduce-overhead", ...}.
     report: a moecc.CompileReport the caller owns; every compiled graph appends what
@@ -44,6 +48,7 @@ class CompileOptions:
     fuse_shared_experts: bool = True
     verify_capture: bool = True
     dump_graphs: Optional[str] = None
+    release_original_weights: bool = False
     report: Optional[Any] = field(default=None, compare=False)  # a moecc.CompileReport to fill
     mode: Optional[str] = None
 
@@ -51,7 +56,7 @@ class CompileOptions:
         _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _choice("rest_of_graph", self.rest_of_graph, GRAPH_BACKENDS)
         _choice("mode", self.mode, MODES)
-        for name in ("fuse_shared_experts", "verify_capture"):
+        for name in ("fuse_shared_experts", "verify_capture", "release_original_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"moecc option {name!r} must be True or False, got {getattr(self, name)!r}")
         from moecc.capture.report import CompileReport

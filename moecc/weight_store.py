@@ -22,6 +22,11 @@ class WeightStore:
     _made: dict[tuple, str] = field(default_factory=dict)
     derived_bytes: int = 0
     derived_tensors: int = 0
+    aliased_bytes: int = 0  # original parameters now sharing a derived tensor's storage
+
+    def tensor(self, node: fx.Node) -> torch.Tensor:
+        """The derived tensor behind a get_attr node this store made."""
+        return getattr(self.gm, str(node.target))
 
     def get_attr(self, key: tuple, make: Callable[[], torch.Tensor], hint: str) -> fx.Node:
         """A get_attr node for the derived tensor `key`, computing it on first use.

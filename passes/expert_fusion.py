@@ -9,11 +9,17 @@ Does:    - gate/up to one concatenated [E, 2N, K] stack (from interleaved GPT-OS
          each derived tensor made once at compile time (moecc.weight_store).
 Guarantees: afterwards every layer node has spec.experts.canonical == True, its weight
            arguments in canonical layout, and unchanged numerics (same reference op).
+Memory: appending shared experts copies the routed stack. With
+          options.release_original_weights the routed parameter is rebound to a view of the
+          derived stack (counter: aliased), so nothing doubles; otherwise the extra memory is
+          reported, with a warning above 1 GiB.
 Counters: layers (fused layers), relayouts (layers whose weights were re-laid out),
-          shared_folded (shared experts appended), derived_kib.
+          shared_folded (shared experts appended), aliased, derived_kib.
 """
 
 from __future__ import annotations
+
+import logging
 
 from moecc.backends.reference.experts import canonical_expert_weights
 from moecc.capture.report import PassResult
@@ -22,10 +28,11 @@ from moecc.weights import MOE_WEIGHT_FIELDS, MoEWeights
 from moecc.passes.context import PassContext
 
 NAME = "expert_fusion"
+log = logging.getLogger("moecc.passes")
 
 
 def run(ctx: PassContext) -> PassResult:
-    counters = {"layers": 0, "relayouts": 0, "shared_folded": 0}
+    counters = {"layers": 0, "relayouts": 0, "shared_folded": 0, "aliased": 0}
     notes = []
     before = ctx.weights.derived_bytes
     for node in ctx.moe_nodes():
@@ -52,6 +59,8 @@ def run(ctx: PassContext) -> PassResult:
                 new_args[field_name] = ctx.weights.get_attr(
                     ("canonical", field_name, spec.to_json(), sources),
                     lambda f=field_name: make(f), f"{field_name}")
+        if ctx.options.release_original_weights:
+            counters["aliased"] += _alias_originals(ctx, spec, arg_nodes, new_args)
         for dropped in ("up", "shared_gate", "shared_up", "shared_down"):
             new_args[dropped] = None
         canonical = spec.replace(experts={
@@ -64,7 +73,30 @@ def run(ctx: PassContext) -> PassResult:
     # No eliminate_dead_code(): FX would drop in-place ops elsewhere in the model whose
     # results are unused (their effect is the mutation). Old weight args are placeholders.
     counters["derived_kib"] = (ctx.weights.derived_bytes - before) // 1024
-    if ctx.weights.derived_bytes > before:
-        notes.append(f"derived weights kept: {(ctx.weights.derived_bytes - before) / 2**20:.2f} MiB "
-                     "(originals stay with the model)")
+    extra = ctx.weights.derived_bytes - before - ctx.weights.aliased_bytes
+    if extra > 0:
+        notes.append(f"derived weights kept beside the originals: {extra / 2**30:.3f} GiB")
+        if extra > 2**30:
+            log.warning("moecc keeps %.1f GiB of re-laid-out expert weights beside the model's own; pass "
+                        "options={'release_original_weights': True} to share storage where possible",
+                        extra / 2**30)
     return PassResult(NAME, counters, notes)
+
+
+def _alias_originals(ctx: PassContext, spec: MoELayerSpec, arg_nodes: dict, new_args: dict) -> int:
+    """Rebind unchanged original stacks to views of the derived ones (same values)."""
+    aliased = 0
+    e = spec.router.num_experts
+    if spec.experts.gate_up_layout != "concat" or spec.experts.gate_up_transposed or spec.experts.down_transposed:
+        return 0  # the routed part was re-laid out: no view of the derived tensor equals it
+    for field_name in ("gate_up", "down"):
+        original = ctx.value(arg_nodes[field_name])
+        derived = ctx.weights.tensor(new_args[field_name])
+        if original.device.type == "meta" or derived.data_ptr() == original.data_ptr():
+            continue
+        view = derived[:e]
+        if view.shape == original.shape and view.dtype == original.dtype:
+            original.data = view
+            ctx.weights.aliased_bytes += original.numel() * original.element_size()
+            aliased += 1
+    return aliased

@@ -77,16 +77,27 @@ def _order(graph: fx.Graph, node: fx.Node) -> int:
 
 
 def find_eager_experts_modules(graph: fx.Graph) -> list[str]:
-    """Experts modules whose graph shows transformers' eager loop (one_hot mask, no matmul).
+    """Experts modules whose graph shows transformers' eager loop.
 
-    The eager implementation graph-breaks at `nonzero`, so the experts' weights never
-    reach the graph; what does reach it is the one_hot expert mask.
+    The eager implementation builds a one_hot expert mask, sums it and asks which experts
+    were hit (`greater(...).nonzero()`); Dynamo graph-breaks at `nonzero`, so the experts'
+    weights never reach any graph. The graph holding the mask often comes from a resumed
+    frame without module metadata, so the op signature (one_hot feeding greater) decides,
+    and the module path is reported when known.
     """
     found = []
     for n in graph.nodes:
-        if is_call(n, "one_hot"):
-            for raw_path, cls in _stack(n).values():
-                name = getattr(cls, "__name__", "")
-                if name.endswith("Experts"):
-                    found.append(_clean_path(str(raw_path)))
+        if not is_call(n, "one_hot"):
+            continue
+        reach, frontier = set(), [n]
+        while frontier:
+            for u in frontier.pop().users:
+                if u not in reach:
+                    reach.add(u)
+                    frontier.append(u)
+        if not any(is_call(u, "greater", "gt") for u in reach):
+            continue
+        paths = [_clean_path(str(p)) for p, cls in _stack(n).values()
+                 if getattr(cls, "__name__", "").endswith("Experts")]
+        found.append(paths[-1] if paths else "<experts loop>")
     return sorted(set(found))
