@@ -49,7 +49,7 @@ def run(args) -> int:
     import moecc
     from moecc.models import build_model
 
-    console = Console(width=None if Console().is_terminal else 140)
+    console = Console(width=None if Console().is_terminal else 140, soft_wrap=True)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         console.print("[red]--device cuda: no CUDA GPU is visible[/red]")

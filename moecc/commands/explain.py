@@ -34,7 +34,7 @@ def run(args) -> int:
     import moecc
     from moecc.models import build_model, load_config
 
-    console = Console(width=None if Console().is_terminal else 140)
+    console = Console(width=None if Console().is_terminal else 140, soft_wrap=True)
     try:
         config = load_config(args.model)
     except (FileNotFoundError, ValueError, KeyError) as exc:

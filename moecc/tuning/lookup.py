@@ -208,8 +208,8 @@ class TuningDatabase:
             self._warn_once(key, "no tuned table exists; using a configuration predicted from the"
                                  " device profile")
             return LookupResult(predicted_cfg, "predicted", None, num_tokens, True, device), None
-        self._warn_once(key, "no tuned table exists and the device has no profile; using the default"
-                             " configuration")
+        self._warn_once(key, "no tuned table exists and no prediction covers this op on this device;"
+                             " using the default configuration")
         return LookupResult(dict(default()), "default", None, None, False, device), None
 
     def _predict(self, key: TableKey, num_tokens: int) -> dict | None:
@@ -227,13 +227,16 @@ class TuningDatabase:
         if ident in self._warned:
             return
         self._warned.add(ident)
-        if key.device == "cpu":
-            log.info("moecc tuning on cpu: %s for %s %s %s (tuning needs a CUDA GPU)",
-                     why, key.op, key.shape_tag, key.dtype)
+        if key.device == "cpu" or key.device.startswith("cpu_"):
+            log.info("moecc tuning on %s: %s for %s %s %s (tuning needs a CUDA GPU)",
+                     key.device, why, key.op, key.shape_tag, key.dtype)
             return
+        if not key.op.startswith("triton."):
+            how = "only the Triton kernels can be tuned so far; this op uses its documented defaults"
+        else:
+            how = f"to tune it, run on that GPU: {key.tune_command()}"
         warnings.warn(
-            f"moecc: {key.op} {key.shape_tag} {key.dtype} on {key.device}: {why}. "
-            f"To tune it on this GPU run: {key.tune_command()}",
+            f"moecc: {key.op} {key.shape_tag} {key.dtype} on {key.device}: {why}. {how}",
             TuningFallbackWarning, stacklevel=4,
         )
 
