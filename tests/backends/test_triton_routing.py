@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from triton_mode import triton_mode, whole_file_test  # noqa: F401  (autouse fixture)
 
 from moecc.backends.reference.routing import route
 from moecc.spec import RouterSpec
@@ -17,35 +18,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
 
 
-def _interpreting() -> bool:
-    from moecc.backends.triton import testing
-
-    return testing.interpreter_usable()
-
-
-@pytest.fixture(autouse=True)
-def _triton_mode(request):
-    """GPU: compiled kernels. CPU: the Triton interpreter, if this process was started with
-    TRITON_INTERPRET=1; otherwise the file runs in a child process that has it (triton
-    fixes the mode at its first import, and setting it here would leak into other tests)."""
-    if CUDA or request.node.name == "test_whole_file_in_interpreter_subprocess":
-        return
-    if not _interpreting():
-        pytest.skip("CPU without TRITON_INTERPRET=1: this file runs in a child process instead "
-                    "(test_whole_file_in_interpreter_subprocess)")
-    from moecc.backends.triton import testing
-
-    testing.use_interpreter()
-
-
-def test_whole_file_in_interpreter_subprocess():
-    """CPU only: every test of this file under the interpreter, in a fresh process."""
-    if CUDA or _interpreting():
-        pytest.skip("the tests run in this process")
-    from moecc.backends.triton import testing
-
-    proc = testing.run_in_subprocess(__file__)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+test_whole_file_in_interpreter_subprocess = whole_file_test(__file__)
 
 
 def _route_topk(*args, **kwargs):
