@@ -88,6 +88,14 @@ def test_transformers_compile_config_path(quiet):
     assert torch.equal(got, expected)
     assert report.graphs and len(report.captured) >= moe_block_count(model)
 
+    # transformers' default CompileConfig: mode="reduce-overhead", no options, Inductor.
+    default = CompileConfig(backend="moecc")
+    default._compile_all_devices = True
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = _generate(model, ids, cache_implementation="static", compile_config=default)
+    assert default.mode == "reduce-overhead" and torch.equal(got, expected)
+
 
 def test_inductor_rest_of_graph_and_reduce_overhead_mode(quiet):
     """The default path: the rest of the graph through Inductor, with torch.compile's mode."""
