@@ -8,6 +8,7 @@ synchronisation, bitwise determinism. Tolerances come from moecc.tolerances (one
 
 from __future__ import annotations
 
+import layer_factory
 import pytest
 import torch
 from triton_mode import triton_mode, whole_file_test  # noqa: F401  (autouse fixture)
@@ -37,26 +38,9 @@ DEEPSEEK = RouterSpec(16, 4, "sigmoid", n_group=4, topk_group=2, has_correction_
 GPT_OSS = RouterSpec(8, 2, "topk_softmax", has_router_bias=True)
 
 
-def make_layer(router: RouterSpec, k: int = 64, n: int = 32, *, activation="silu", bias=False, num_shared=0,
-               dtype=torch.float32, swiglu_limit=7.0):
-    """A canonical layer (shared experts fused at the end of the stack) with random weights."""
-    spec = MoELayerSpec(router, ExpertSpec(k, n, activation=activation, has_bias=bias, num_shared=num_shared,
-                                           shared_fused=num_shared > 0, swiglu_limit=swiglu_limit))
-    e, stack = router.num_experts, router.num_experts + num_shared
-
-    def rnd(*shape, scale=1.0, dt=dtype):
-        return (torch.randn(*shape, device=DEVICE) * scale).to(dt)
-
-    weights = make_weights(
-        router_weight=rnd(e, k, scale=k ** -0.5),
-        router_bias=rnd(e, scale=0.1) if router.has_router_bias else None,
-        correction_bias=rnd(e, scale=0.1, dt=torch.float32) if router.has_correction_bias else None,
-        gate_up=rnd(stack, 2 * n, k, scale=k ** -0.5),
-        down=rnd(stack, k, n, scale=n ** -0.5),
-        gate_up_bias=rnd(stack, 2 * n, scale=0.1) if bias else None,
-        down_bias=rnd(stack, k, scale=0.1) if bias else None,
-    )
-    return spec, weights
+def make_layer(router: RouterSpec, k: int = 64, n: int = 32, **kwargs):
+    """A random canonical layer on this file's device (tests/backends/layer_factory.py)."""
+    return layer_factory.make_layer(router, k, n, device=DEVICE, **kwargs)
 
 
 def run_and_check(spec, weights, t, config=None, dtype=None):

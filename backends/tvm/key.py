@@ -1,0 +1,74 @@
+"""What identifies one compiled TVM MoE module: shape, dtype, activation, config, target.
+
+`KernelKey` is the in-process cache key and, through `digest`, the on-disk file name
+(together with the TVM version). Only fields that change the generated code belong here;
+the token count T and the number of expert blocks are symbolic in the kernels, so one
+module serves every T of a bucket (the bucket only picks the config).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from moecc.backends.tvm.activation import ActivationSpec
+from moecc.backends.tvm.config import TVMKernelConfig
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """kind "llvm" (mcpu: an LLVM CPU name, "" = generic) or "cuda" (arch: 90, 89, 86 ...)."""
+
+    kind: str
+    mcpu: str = ""
+    arch: int = 0
+
+    def describe(self) -> str:
+        return f"cuda sm_{self.arch}" if self.kind == "cuda" else f"llvm {self.mcpu or 'generic'}"
+
+
+@dataclass(frozen=True)
+class KernelKey:
+    num_experts: int  # E' = routed + shared: rows of the expert stack
+    n: int  # N, expert intermediate size
+    k: int  # K, hidden size
+    top_k: int  # k' = top_k + shared: rows combined per token
+    dtype: str  # activations and weights
+    act: ActivationSpec
+    gate_up_bias: bool
+    down_bias: bool
+    config: TVMKernelConfig
+    target: TargetSpec
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"TVM MoE kernels take dtypes {DTYPES}, not {self.dtype!r}")
+
+    def digest(self, tvm_version: str) -> str:
+        """Stable hex name for the on-disk cache: every field, the TVM version and the
+        kernel code itself (so editing a kernel never loads a stale module)."""
+        payload = json.dumps({"key": asdict(self), "tvm": tvm_version, "code": kernel_code_version(),
+                              "schema": 1}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+    def short_name(self) -> str:
+        return (f"E{self.num_experts}_N{self.n}_K{self.k}_top{self.top_k}_{self.dtype}_{self.act.name}"
+                f"_{self.target.kind}{self.target.arch or ''}")
+
+
+KERNEL_SOURCES = ("kernels_llvm.py", "kernels_cuda.py", "activation.py", "config.py")
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_code_version() -> str:
+    """Hash of the files that generate kernel code (part of every module's digest)."""
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in KERNEL_SOURCES:
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]

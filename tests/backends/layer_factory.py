@@ -1,0 +1,34 @@
+"""Random canonical MoE layers for kernel tests (shared by the Triton and TVM tests).
+
+Canonical: gate/up concatenated [E', 2N, K], down [E', K, N], shared experts fused as
+the last S of the stack (E' = E + S). Weights are scaled by 1/sqrt(fan-in) so outputs
+are O(1) and the dtype tolerances in moecc/tolerances.py are meaningful.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moecc.spec import ExpertSpec, MoELayerSpec, RouterSpec
+from moecc.weights import MoEWeights, make_weights
+
+
+def make_layer(router: RouterSpec, k: int = 64, n: int = 32, *, activation="silu", bias=False, num_shared=0,
+               dtype=torch.float32, swiglu_limit=7.0, device="cpu") -> tuple[MoELayerSpec, MoEWeights]:
+    spec = MoELayerSpec(router, ExpertSpec(k, n, activation=activation, has_bias=bias, num_shared=num_shared,
+                                           shared_fused=num_shared > 0, swiglu_limit=swiglu_limit))
+    e, stack = router.num_experts, router.num_experts + num_shared
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, device=device) * scale).to(dt)
+
+    weights = make_weights(
+        router_weight=rnd(e, k, scale=k ** -0.5),
+        router_bias=rnd(e, scale=0.1) if router.has_router_bias else None,
+        correction_bias=rnd(e, scale=0.1, dt=torch.float32) if router.has_correction_bias else None,
+        gate_up=rnd(stack, 2 * n, k, scale=k ** -0.5),
+        down=rnd(stack, k, n, scale=n ** -0.5),
+        gate_up_bias=rnd(stack, 2 * n, scale=0.1) if bias else None,
+        down_bias=rnd(stack, k, scale=0.1) if bias else None,
+    )
+    return spec, weights
