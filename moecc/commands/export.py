@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     p.add_argument("--target", choices=["cuda", "llvm"], default="cuda")
     p.add_argument("--arch", nargs="+", type=int, default=[90], metavar="SM",
                    help="CUDA compute capabilities, e.g. 90 89 86 (cuda only)")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="kernel dtype (default: float32 for --target llvm, float16 for cuda)")
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 64, 1024], metavar="M",
                    help="token-count buckets; each picks its tuned configuration")
     p.add_argument("--with-runtime", action="store_true", help="copy the TVM runtime libraries to DIR/lib")
@@ -84,7 +85,8 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"moecc export: {exc}", file=sys.stderr)
         return 2
-    manifest = export_kernels([layer], args.target, args.out, arch=args.arch, dtype=args.dtype,
+    dtype = args.dtype or ("float32" if args.target == "llvm" else "float16")
+    manifest = export_kernels([layer], args.target, args.out, arch=args.arch, dtype=dtype,
                               token_buckets=args.tokens, include_runtime=args.with_runtime)
     import json
 
