@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from moecc.capture.graph_utils import example_value
+from moecc.capture.graph_utils import example_value, scalar_inputs
 from moecc.capture.recognise import Decline, recognise
 from moecc.capture.regions import find_eager_experts_modules, find_moe_regions
 from moecc.capture.report import CapturedLayer, GraphReport, SkippedRegion
@@ -62,9 +62,10 @@ def capture_moe_layers(gm: fx.GraphModule, example_inputs: Sequence[Any], option
         for path in eager:
             report.skipped.append(SkippedRegion(path, "Experts", EAGER_EXPERTS_HINT))
     values = real_input_values(gm, example_inputs)
+    scalars = scalar_inputs(values)
     for region in find_moe_regions(gm.graph):
         try:
-            rec = recognise(region)
+            rec = recognise(region, scalars)
         except Decline as exc:
             report.skipped.append(SkippedRegion(region.path, region.module_class, str(exc)))
             continue
@@ -112,6 +113,14 @@ def _rewrite(gm: fx.GraphModule, region, rec, spec) -> None:
     from moecc.ops import op_for_backend
 
     with graph.inserting_before(rec.output):
+        for scalar, value in rec.baked.items():
+            # A module attribute Dynamo passed as an input (dynamic=True) is now a constant
+            # of the layer spec; Dynamo does not guard on it, so check it on every call
+            # (a CPU scalar: no device synchronisation).
+            same = graph.call_function(torch.eq, (scalar, value))
+            graph.call_function(torch._assert_async, (same, (
+                f"moecc compiled {region.path} with {scalar.name}={value!r}; the attribute changed "
+                "since: call torch._dynamo.reset() and compile again")))
         flat = graph.call_function(torch.reshape, (rec.hidden, (-1, k)))
         args = [rec.weights.get(f) for f in MOE_WEIGHT_FIELDS]
         layer = graph.call_function(op_for_backend("reference"), (flat, *args, spec.to_json()))

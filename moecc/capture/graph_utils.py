@@ -94,7 +94,35 @@ def descendants(roots: Iterable[fx.Node], within: set[fx.Node]) -> set[fx.Node]:
     return seen
 
 
-def float_constant(node: fx.Node) -> Optional[float]:
-    """The float operand of a binary node whose other operand is a node, if any."""
-    consts = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
-    return float(consts[0]) if consts else None
+def constant_value(value: Any, scalars: Optional[dict] = None) -> Optional[float]:
+    """A Python number, or a scalar graph input (or its `.item()`) with a known value.
+
+    With dynamic=True Dynamo lifts float module attributes (DeepSeek's
+    routed_scaling_factor, GPT-OSS's alpha and limit) to 0-d tensor inputs read through
+    `.item()`; `scalars` maps those inputs to the values they had at compile time.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, fx.Node) and scalars:
+        if value in scalars:
+            return scalars[value]
+        if is_call(value, "item") and value.args and value.args[0] in scalars:
+            return scalars[value.args[0]]
+    return None
+
+
+def float_constant(node: fx.Node, scalars: Optional[dict] = None) -> Optional[float]:
+    """The constant operand of a binary node whose other operand is a tensor, if any."""
+    for a in node.args:
+        c = constant_value(a, scalars)
+        if c is not None:
+            return c
+    return None
+
+
+def scalar_inputs(real_values: dict) -> dict:
+    """Graph inputs that are 0-d floating CPU tensors (lifted module attributes) -> value."""
+    return {node: float(v) for node, v in real_values.items()
+            if node.op == "placeholder" and isinstance(v, torch.Tensor) and v.dim() == 0
+            and v.is_floating_point() and v.device.type == "cpu"
+            and not isinstance(v, torch._subclasses.FakeTensor)}

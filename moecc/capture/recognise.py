@@ -24,6 +24,7 @@ from moecc.capture.graph_utils import (
     call_name,
     descendants,
     example_value,
+    constant_value,
     float_constant,
     is_call,
     is_getitem,
@@ -47,6 +48,7 @@ class Recognised:
     experts_implementation: str
     externals: list[fx.Node] = field(default_factory=list)
     keep: set[fx.Node] = field(default_factory=set)  # shape computations used outside: not erased
+    baked: dict[fx.Node, float] = field(default_factory=dict)  # scalar inputs read as constants
 
 
 # Parameter names -> MoEWeights roles. Owner-module names decide shared vs routed.
@@ -62,7 +64,7 @@ _SHARED_LINEAR = {"gate_proj": "shared_gate", "up_proj": "shared_up", "down_proj
 _MUTATING_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
-def recognise(region: Region) -> Recognised:
+def recognise(region: Region, scalars: dict[fx.Node, float] | None = None) -> Recognised:
     nodes = set(region.nodes)
     externals: list[fx.Node] = []
     for n in region.nodes:
@@ -71,7 +73,9 @@ def recognise(region: Region) -> Recognised:
                 externals.append(a)
     _check_no_outside_mutation(region, nodes)
 
-    activations = [a for a in externals if not is_weight_node(a) and isinstance(example_value(a), torch.Tensor)]
+    scalars = scalars or {}
+    activations = [a for a in externals if not is_weight_node(a) and a not in scalars
+                   and isinstance(example_value(a), torch.Tensor)]
     if len(activations) != 1:
         raise Decline(f"expected one activation input, found {len(activations)}: {[a.name for a in activations]}")
     hidden = activations[0]
@@ -94,11 +98,12 @@ def recognise(region: Region) -> Recognised:
     if "gate_up" not in weights and "gate" not in weights:
         raise Decline("no gate/up expert weights found")
 
-    candidates = _candidate_specs(region, nodes, hidden, weights)
+    candidates = _candidate_specs(region, nodes, hidden, weights, scalars)
     if "gate" in weights:  # separate gate and up stacks travel as gate_up (gate) + up
         weights["gate_up"] = weights.pop("gate")
     impl = _experts_implementation(region)
-    return Recognised(hidden, output, weights, candidates, impl, externals, keep)
+    baked = {a: scalars[a] for a in externals if a in scalars}
+    return Recognised(hidden, output, weights, candidates, impl, externals, keep, baked)
 
 
 _SHAPE_ONLY_OPS = {"size", "sym_size", "view", "reshape", "getattr", "getitem", "mul", "add", "sub",
@@ -182,15 +187,15 @@ def _experts_implementation(region: Region) -> str:
 
 
 def _candidate_specs(region: Region, nodes: set[fx.Node], hidden: fx.Node,
-                     weights: dict[str, fx.Node]) -> list[MoELayerSpec]:
+                     weights: dict[str, fx.Node], scalars: dict[fx.Node, float]) -> list[MoELayerSpec]:
     k_size = example_value(hidden).shape[-1]
     expert_nodes = descendants([weights[r] for r in ("gate_up", "gate", "up", "down") if r in weights], nodes)
     shared_nodes = descendants([weights[r] for r in ("shared_gate", "shared_up", "shared_down") if r in weights],
                                nodes)
     router_nodes = [n for n in region.nodes if n not in expert_nodes and n not in shared_nodes]
-    router = _router_spec(router_nodes, weights)
+    router = _router_spec(router_nodes, weights, scalars)
     specs = []
-    for layout in _expert_layouts(region, expert_nodes, weights, k_size):
+    for layout in _expert_layouts(region, expert_nodes, weights, k_size, scalars):
         try:
             specs.append(MoELayerSpec(router=router, experts=layout, source=region.path))
         except SpecError as exc:
@@ -198,7 +203,8 @@ def _candidate_specs(region: Region, nodes: set[fx.Node], hidden: fx.Node,
     return specs
 
 
-def _router_spec(router_nodes: list[fx.Node], weights: dict[str, fx.Node]) -> RouterSpec:
+def _router_spec(router_nodes: list[fx.Node], weights: dict[str, fx.Node],
+                 scalars: dict[fx.Node, float] | None = None) -> RouterSpec:
     """Router variant from the ops outside the experts.
 
     - top_k: k of the last topk; scoring: softmax after that topk -> "topk_softmax",
@@ -245,9 +251,9 @@ def _router_spec(router_nodes: list[fx.Node], weights: dict[str, fx.Node]) -> Ro
             renormalize = True
             denominator = n.args[1] if len(n.args) > 1 else None
             if isinstance(denominator, fx.Node) and call_name(denominator) in ("add", "iadd", "__add__"):
-                eps = float_constant(denominator) or 0.0
+                eps = float_constant(denominator, scalars) or 0.0
         elif name in ("mul", "imul", "__mul__", "mul_"):
-            c = float_constant(n)
+            c = float_constant(n, scalars)
             if c is not None and c != 1.0:
                 scale = c
     linear = next((n for n in router_nodes if is_call(n, "linear", "matmul", "mm")
@@ -263,7 +269,7 @@ def _router_spec(router_nodes: list[fx.Node], weights: dict[str, fx.Node]) -> Ro
 
 
 def _expert_layouts(region: Region, expert_nodes: set[fx.Node], weights: dict[str, fx.Node],
-                    k_size) -> list[ExpertSpec]:
+                    k_size, scalars: dict[fx.Node, float] | None = None) -> list[ExpertSpec]:
     """Expert layout and activation candidates.
 
     Activation: silu -> "silu"; gelu(approximate="tanh") -> "gelu_tanh"; clamp + sigmoid
@@ -286,12 +292,12 @@ def _expert_layouts(region: Region, expert_nodes: set[fx.Node], weights: dict[st
         act = "swiglu_oai"
         sig = ordered[names.index("sigmoid")]
         scaled = sig.args[0]
-        if isinstance(scaled, fx.Node) and float_constant(scaled) is not None:
-            alpha = float_constant(scaled)
+        if isinstance(scaled, fx.Node) and float_constant(scaled, scalars) is not None:
+            alpha = float_constant(scaled, scalars)
         for c in (n for n in ordered if call_name(n) == "clamp"):
-            hi = arg(c, 2, "max")
-            if isinstance(hi, (int, float)):
-                limit = float(hi)
+            hi = constant_value(arg(c, 2, "max"), scalars)
+            if hi is not None:
+                limit = hi
     else:
         raise Decline(f"unrecognised expert activation (ops: {sorted(set(names))[:12]})")
 

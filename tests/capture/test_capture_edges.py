@@ -109,3 +109,24 @@ def test_dump_graphs_writes_one_file_per_stage(tmp_path, quiet):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["graph00_capture.txt", "graph00_expert_fusion.txt", "graph00_lower_kernels.txt"]
     assert "moecc.moe_layer" in (tmp_path / "graph00_capture.txt").read_text()
+
+
+@pytest.mark.parametrize("name, owner, attribute", [
+    ("deepseek-v3-tiny", "gate", "routed_scaling_factor"),
+    ("gpt-oss-tiny", "experts", "alpha"),
+])
+def test_dynamic_true_lifted_float_attributes(name, owner, attribute, quiet):
+    """dynamic=True turns float module attributes into graph inputs: capture reads them as
+    constants of the layer and checks on every call that they did not change."""
+    model = build_model(name)
+    report = moecc.CompileReport()
+    compiled = torch.compile(model, backend="moecc", dynamic=True, fullgraph=True,
+                             options={"report": report, "kernel_backend": "reference", "rest_of_graph": "eager"})
+    with torch.no_grad():
+        for shape in [(1, 3), (2, 9)]:
+            ids = torch.randint(0, 256, shape)
+            torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+        assert report.graphs and all(len(g.captured) == 2 for g in report.graphs), report.format()
+        setattr(getattr(model.model.layers[-1].mlp, owner), attribute, 1.0)
+        with pytest.raises(RuntimeError, match="changed since"):
+            compiled(torch.randint(0, 256, (1, 3)))
