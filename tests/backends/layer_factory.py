@@ -32,3 +32,33 @@ def make_layer(router: RouterSpec, k: int = 64, n: int = 32, *, activation="silu
         down_bias=rnd(stack, k, scale=0.1) if bias else None,
     )
     return spec, weights
+
+
+def tie_free_hidden(spec: MoELayerSpec, weights: MoEWeights, tokens: int, dtype: torch.dtype,
+                    device="cpu", margin: float = 2e-3, tries: int = 50) -> torch.Tensor:
+    """Random hidden states [T, K] whose expert selection has no near-tie.
+
+    Two correct implementations may break a rounding-level tie between the k-th and the
+    (k+1)-th expert differently, which changes a whole expert's contribution to that
+    token. Rows whose selection scores (logits for softmax / top-k-softmax routers, which
+    select monotonically in them; sigmoid + correction bias for sigmoid routers) have
+    the k-th and (k+1)-th best closer than `margin` are redrawn.
+    """
+    from moecc.backends.reference.routing import router_logits
+
+    router = spec.router
+    x = torch.randn(tokens, spec.experts.hidden_size, device=device).to(dtype)
+    if router.top_k >= router.num_experts:
+        return x  # every expert is selected: nothing to tie
+    for _ in range(tries):
+        scores = router_logits(x, weights.router_weight, weights.router_bias, router)  # [T, E]
+        if router.scoring == "sigmoid":
+            scores = torch.sigmoid(scores)
+            if weights.correction_bias is not None:
+                scores = scores + weights.correction_bias.float()
+        best = scores.topk(router.top_k + 1, dim=-1).values  # [T, k+1], descending
+        tied = (best[:, -2] - best[:, -1]) < margin  # [T]
+        if not tied.any():
+            return x
+        x[tied] = torch.randn(int(tied.sum()), spec.experts.hidden_size, device=device).to(dtype)
+    raise RuntimeError("could not draw hidden states without a routing near-tie; lower the margin")

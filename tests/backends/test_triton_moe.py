@@ -45,7 +45,7 @@ def make_layer(router: RouterSpec, k: int = 64, n: int = 32, **kwargs):
 
 def run_and_check(spec, weights, t, config=None, dtype=None):
     dtype = dtype or weights.gate_up.dtype
-    x = torch.randn(t, spec.experts.hidden_size, device=DEVICE).to(dtype)
+    x = layer_factory.tie_free_hidden(spec, weights, t, dtype, device=DEVICE)
     out = _moe(x, weights, spec, config)
     ref = reference.moe_layer(x, weights, spec)
     assert out.shape == ref.shape and out.dtype == x.dtype

@@ -71,7 +71,7 @@ def run_and_check(spec, weights, t, config=CFG, x=None):
     from moecc.backends.tvm import moe_layer
 
     dtype = weights.gate_up.dtype
-    x = torch.randn(t, spec.experts.hidden_size).to(dtype) if x is None else x
+    x = layer_factory.tie_free_hidden(spec, weights, t, dtype) if x is None else x
     out = moe_layer(x, weights, spec, config)
     ref = reference.moe_layer(x, weights, spec)
     assert out.shape == ref.shape and out.dtype == x.dtype
