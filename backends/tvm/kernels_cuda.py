@@ -17,8 +17,8 @@ cores (mma) are not used yet (see docs/backends.md).
 
 from __future__ import annotations
 
-from moecc.backends.tvm.activation import gated_activation
 from moecc.backends.tvm.key import KernelKey
+from moecc.backends.tvm.tir_scalars import ScalarOps
 
 COMBINE_THREADS = 128
 
@@ -26,7 +26,6 @@ COMBINE_THREADS = 128
 def cuda_module(key: KernelKey):
     """The IRModule of the three kernels for `key` (key.config already fitted)."""
     import tvm
-    from tvm import tirx
     from tvm.script import tirx as T
 
     cfg = key.config
@@ -40,20 +39,9 @@ def cuda_module(key: KernelKey):
     RS = RT + 1  # shared-memory row stride of a weight tile: odd, so column reads hit 32 banks
     assert N % TN == 0 and K % TK == 0 and N % RT == 0 and K % RT == 0, "config not fitted"
 
-    def f32(v):
-        return tirx.Cast("float32", v) if DT != "float32" else v
-
-    def to_dt(v):
-        return tirx.Cast(DT, v) if DT != "float32" else v
-
-    def gate_up_bias(bias, e, g, n):
-        return f32(bias[e, g, n]) if key.gate_up_bias else tirx.const(0.0, "float32")
-
-    def down_bias(bias, e, k):
-        return f32(bias[e, k]) if key.down_bias else tirx.const(0.0, "float32")
-
-    def act(gate, up):
-        return gated_activation(gate, up, key.act)
+    ops = ScalarOps(key)
+    f32, to_dt, act = ops.f32, ops.to_dt, ops.act
+    gate_up_bias, down_bias = ops.gate_up_bias, ops.down_bias
 
     @T.prim_func
     def moe_gate_up_act(x_h: T.handle, ex_h: T.handle, ptr_h: T.handle,

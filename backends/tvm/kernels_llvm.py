@@ -28,14 +28,13 @@ small enough for TVM to alloca them (config.fitted), so LLVM keeps them in regis
 
 from __future__ import annotations
 
-from moecc.backends.tvm.activation import gated_activation
 from moecc.backends.tvm.key import KernelKey
+from moecc.backends.tvm.tir_scalars import ScalarOps
 
 
 def llvm_module(key: KernelKey):
     """The IRModule of the three kernels for `key` (key.config already fitted)."""
     import tvm
-    from tvm import tirx
     from tvm.script import tirx as T
 
     cfg = key.config
@@ -51,20 +50,9 @@ def llvm_module(key: KernelKey):
     # stores LLVM cannot prove disjoint from the loads (measured 2-3x slower).
     ACC = "global"
 
-    def f32(v):
-        return tirx.Cast("float32", v) if DT != "float32" else v
-
-    def gate_up_bias(bias, e, g, n):
-        return f32(bias[e, g, n]) if key.gate_up_bias else tirx.const(0.0, "float32")
-
-    def down_bias(bias, e, k):
-        return f32(bias[e, k]) if key.down_bias else tirx.const(0.0, "float32")
-
-    def act(gate, up):
-        return gated_activation(gate, up, key.act)
-
-    def to_dt(v):
-        return tirx.Cast(DT, v) if DT != "float32" else v
+    ops = ScalarOps(key)
+    f32, to_dt, act = ops.f32, ops.to_dt, ops.act
+    gate_up_bias, down_bias = ops.gate_up_bias, ops.down_bias
 
     @T.prim_func
     def moe_gate_up_act(x_h: T.handle, ex_h: T.handle, ptr_h: T.handle,
