@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from moecc.config_dicts import strict_from_dict
+
 STRATEGIES = ("decode", "prefill")
 
 
@@ -43,8 +45,4 @@ class KernelConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "KernelConfig":
-        fields = {f.name for f in dataclasses.fields(KernelConfig)}
-        unknown = set(d) - fields
-        if unknown:
-            raise ValueError(f"unknown kernel config key(s) {sorted(unknown)}; valid: {sorted(fields)}")
-        return KernelConfig(**d)
+        return strict_from_dict(KernelConfig, d, "kernel config")

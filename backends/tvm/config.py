@@ -25,6 +25,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
+from moecc.config_dicts import strict_from_dict
+
 TARGET_KINDS = ("llvm", "cuda")
 LLVM_ACC_LIMIT = 256  # fp32 values per accumulator array: TVM 0.27 stack-allocates < 1024 bytes
 
@@ -48,11 +50,7 @@ class TVMKernelConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "TVMKernelConfig":
-        fields = {f.name for f in dataclasses.fields(TVMKernelConfig)}
-        unknown = set(d) - fields
-        if unknown:
-            raise ValueError(f"unknown TVM kernel config key(s) {sorted(unknown)}; valid: {sorted(fields)}")
-        return TVMKernelConfig(**d)
+        return strict_from_dict(TVMKernelConfig, d, "TVM kernel config")
 
     def fitted(self, target_kind: str, n: int, k: int) -> "TVMKernelConfig":
         """This config with each tile shrunk to the largest divisor of its dimension.
