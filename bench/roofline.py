@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from moecc.roofline import moe_layer_traffic
+
 from moecc.shapes import MoEShape
 from .timing import time_fn
 
@@ -62,11 +64,8 @@ def floor(shape: MoEShape, tokens: int, dtype: torch.dtype, distinct_experts_hit
     if not 0 <= distinct_experts_hit <= shape.num_experts:
         raise ValueError(f"U={distinct_experts_hit} must be in [0, {shape.num_experts}]")
     elem = torch.empty((), dtype=dtype).element_size()
-    n, k = shape.intermediate_size, shape.hidden_size
-    weight_bytes = distinct_experts_hit * 3 * n * k * elem
-    activation_bytes = 2 * tokens * k * elem  # hidden in, output out
-    total_bytes = float(weight_bytes + activation_bytes)
-    flops = float(2 * tokens * shape.top_k * 3 * n * k)
+    total_bytes, flops = moe_layer_traffic(tokens, shape.top_k, shape.intermediate_size, shape.hidden_size,
+                                           distinct_experts_hit, elem, elem)
     return Floor(total_bytes, flops, total_bytes / ceilings.copy_bandwidth, flops / ceilings.matmul_peak)
 
 

@@ -33,6 +33,7 @@ import functools
 import math
 
 from moecc.devices import DeviceProfile, UnknownDeviceError, profile as get_profile
+from moecc.roofline import floor_seconds, moe_layer_traffic
 from moecc.tuning.keys import STRATEGY_AUTO
 from moecc.tuning.search import (
     allowed_strategies,
@@ -178,7 +179,8 @@ def predicted_entries(prof: DeviceProfile, shape: tuple, dtype: str, batches, st
         u = expected_active_experts(m, e, top_k)
         bw = prof.memory_bandwidth_gbps * 1e9
         peak = prof.peak(dtype if dtype in prof.peak_tflops else "bf16") * 1e12
-        floor = max((u * 3 * n * k * dtype_bytes(dtype) + 4 * m * k) / bw, 2 * m * top_k * 3 * n * k / peak)
+        floor = floor_seconds(*moe_layer_traffic(m, top_k, n, k, u, dtype_bytes(dtype), activation_bytes=2),
+                              bw, peak)
         fit = check_fit(cfg, tuple(shape), dtype, prof, fit_mode)  # cached; says how the fit was known
         entries[m] = {"config": cfg.to_dict(), "origin": "predicted", "model_time_us": round(t * 1e6, 3),
                       "fit": fit.method, "shared_bytes": fit.shared_bytes,

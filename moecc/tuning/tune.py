@@ -51,6 +51,7 @@ from moecc.tuning.search import (
     shared_memory_lower_bound,
 )
 from moecc.tuning.store import file_lock, merge_entries, now_utc, read_table, CorruptTableError
+from moecc.roofline import floor_seconds, moe_layer_traffic
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 DEFAULT_MAX_CONFIGS = 40  # per token count; the cost model's best first
@@ -150,10 +151,9 @@ def time_on_gpu(fn) -> tuple[float, str]:
 def roofline_floor_s(shape: tuple, dtype: str, num_tokens: int, active_experts: int, c: Ceilings) -> float:
     """ARCHITECTURE.md's floor: max(bytes / BW, flops / PEAK) for one layer."""
     e, n, k, top_k = shape
-    weight_bytes = active_experts * 3 * n * k * dtype_bytes(dtype)
-    act_bytes = 2 * num_tokens * k * 2  # hidden in and out, 16-bit activations
-    flops = 2 * num_tokens * top_k * 3 * n * k
-    return max((weight_bytes + act_bytes) / (c.bandwidth_gbps * 1e9), flops / (c.peak_tflops * 1e12))
+    moved, flops = moe_layer_traffic(num_tokens, top_k, n, k, active_experts, dtype_bytes(dtype),
+                                     activation_bytes=2)  # 16-bit activations
+    return floor_seconds(moved, flops, c.bandwidth_gbps * 1e9, c.peak_tflops * 1e12)
 
 
 @dataclass

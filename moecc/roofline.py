@@ -1,0 +1,24 @@
+"""The roofline floor of one MoE layer (ARCHITECTURE.md): the one place its formula lives.
+
+For M tokens that hit U distinct experts of a layer with hidden size K, expert width N and
+top-k routing:
+    bytes = U * 3 * N * K * weight_bytes + 2 * M * K * activation_bytes   (weights, x in, y out)
+    flops = 2 * M * top_k * 3 * N * K
+    floor = max(bytes / bandwidth, flops / peak)
+The benchmarks, the tuner and the predictor all call this; the rates they pass differ
+(measured in the same run, or a device profile's datasheet figures).
+"""
+
+from __future__ import annotations
+
+
+def moe_layer_traffic(num_tokens: int, top_k: int, intermediate: int, hidden: int, distinct_experts: int,
+                      weight_bytes: float, activation_bytes: float) -> tuple[float, float]:
+    """(bytes moved, flops) of one MoE layer at the roofline's accounting."""
+    moved = distinct_experts * 3 * intermediate * hidden * weight_bytes + 2 * num_tokens * hidden * activation_bytes
+    flops = 2 * num_tokens * top_k * 3 * intermediate * hidden
+    return float(moved), float(flops)
+
+
+def floor_seconds(moved_bytes: float, flops: float, bandwidth_bytes_per_s: float, peak_flops_per_s: float) -> float:
+    return max(moved_bytes / bandwidth_bytes_per_s, flops / peak_flops_per_s)
