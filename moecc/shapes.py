@@ -20,10 +20,6 @@ class MoEShape:
     def key(self) -> str:
         return f"E{self.num_experts}_N{self.intermediate_size}_K{self.hidden_size}_top{self.top_k}"
 
-    def weight_bytes_per_expert(self, bytes_per_weight: float) -> float:
-        """gate, up and down projections of one expert: 3 * N * K weights."""
-        return 3 * self.intermediate_size * self.hidden_size * bytes_per_weight
-
 
 REFERENCE_SHAPES: tuple[MoEShape, ...] = (
     MoEShape("mixtral-8x7b", 8, 2, 4096, 14336),

@@ -341,6 +341,3 @@ def _has_step2_slice(index) -> bool:
     items = index if isinstance(index, tuple) else (index,)
     return any(isinstance(s, slice) and s.step == 2 for s in items)
 
-
-def spec_or_none(specs: list[MoELayerSpec]) -> Optional[MoELayerSpec]:
-    return specs[0] if specs else None
