@@ -3,12 +3,15 @@
 MODEL is a built-in name or a transformers config.json. Small models get random weights
 and every captured layer is verified numerically; models too large for memory are built
 on the meta device (shapes only), where capture runs but verification cannot.
-Prints the MoE layers found, what each pass did, and what was left alone and why.
+Prints the MoE layers found, what each pass did, and what was left alone and why; a
+config without MoE layers, or one that transformers rejects, ends in one line that says
+so (never a traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 
 # Above this many parameters explain builds on the meta device instead of allocating.
 MATERIALIZE_LIMIT = 300_000_000
@@ -25,6 +28,29 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def config_error_line(model: str, exc: BaseException) -> str:
+    """One line for a config that cannot be loaded: the file, the field, what was wrong.
+
+    transformers 5 configs are strict dataclasses: a wrongly typed field raises
+    huggingface_hub's StrictDataclassFieldValidationError, whose message spans two lines
+    ("Validation error for field 'x':" / "TypeError: ..."); it is folded into one.
+    """
+    text = " ".join(str(exc).split())
+    match = re.search(r"Validation error for field '([^']+)':\s*(.*)", text)
+    if match:
+        field, cause = match.groups()
+        return (f"{model}: field {field!r} is invalid: {cause}. "
+                f"Fix {field!r} in the config (see the model's transformers configuration class).")
+    return f"{model}: {text}"
+
+
+def moe_module_count(model) -> int:
+    """Modules that own a routed `experts` child: the MoE blocks of a transformers model."""
+    import torch
+
+    return sum(1 for m in model.modules() if isinstance(getattr(m, "experts", None), torch.nn.Module))
+
+
 def run(args) -> int:
     import warnings
 
@@ -37,16 +63,26 @@ def run(args) -> int:
     console = Console(width=None if Console().is_terminal else 140, soft_wrap=True)
     try:
         config = load_config(args.model)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        console.print(f"[red]{exc}[/red]")
+    except Exception as exc:  # noqa: BLE001 - any unloadable config ends in one line, not a traceback
+        console.print(config_error_line(args.model, exc), style="red", markup=False)
         return 2
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     with console.status("building the model"):
         from transformers import AutoModelForCausalLM
 
-        with torch.device("meta"):
-            meta_model = AutoModelForCausalLM.from_config(config)
-        n_params = sum(p.numel() for p in meta_model.parameters())
+        try:
+            with torch.device("meta"):
+                meta_model = AutoModelForCausalLM.from_config(config)
+        except Exception as exc:  # noqa: BLE001 - e.g. a config field transformers validates late
+            console.print(config_error_line(args.model, exc), style="red", markup=False)
+            return 2
+    n_params = sum(p.numel() for p in meta_model.parameters())
+    if moe_module_count(meta_model) == 0 or not meta_model._can_set_experts_implementation():
+        console.print(f"{args.model}: {type(meta_model).__name__} has no MoE layers (no module with routed "
+                      "experts): nothing for moecc to capture; torch.compile(backend='moecc') compiles it "
+                      "like any dense model.", markup=False)
+        return 0
+    with console.status("building the model"):
         on_meta = args.meta or n_params > MATERIALIZE_LIMIT
         if on_meta:
             model = meta_model.to(dtype).eval()
