@@ -181,3 +181,13 @@ def _parse_spec(text: str) -> MoELayerSpec:
         )
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise SpecError(f"not a valid moecc layer spec: {exc}") from exc
+
+
+def kernel_unsupported(spec: MoELayerSpec) -> list[str]:
+    """Variants of this layer that only the reference op implements (empty: every backend).
+
+    The Triton and TVM kernels implement the variants their docs list (softmax / sigmoid /
+    top-k-softmax routing with groups and biases; SiLU, tanh-GELU and GPT-OSS SwiGLU);
+    the lowering pass keeps a layer that needs anything else on the reference op.
+    """
+    return []
