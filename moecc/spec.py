@@ -40,8 +40,12 @@ class RouterSpec:
     n_group / topk_group: group-limited selection (DeepSeek): experts are split into
         n_group groups, each group scored (`group_scoring`), only the best topk_group
         groups stay eligible. n_group == 1 disables it.
-    renormalize: divide the k weights by their sum (+ renormalize_eps).
-    routed_scaling_factor: multiply the final weights (DeepSeek-V3: 2.5).
+    renormalize: divide the k weights by their sum, clamped below at renormalize_min
+        (ERNIE), plus renormalize_eps.
+    routed_scaling_factor: multiply the final weights (DeepSeek-V3: 2.5; Beam multiplies
+        the routed experts' sum instead, which is the same linear map).
+    has_correction_bias with "softmax" scoring: the bias is added to the softmax
+        probabilities for selection only (ERNIE 4.5's moe_statics), as for sigmoid.
     logits_in_fp32: the router matmul runs in fp32 (DeepSeek casts both operands).
     """
 
@@ -55,6 +59,7 @@ class RouterSpec:
     has_correction_bias: bool = False
     renormalize: bool = False
     renormalize_eps: float = 0.0
+    renormalize_min: float = 0.0
     routed_scaling_factor: float = 1.0
     logits_in_fp32: bool = False
 
@@ -71,8 +76,8 @@ class RouterSpec:
             raise SpecError(f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
         if self.n_group > 1 and self.top_k > self.topk_group * (self.num_experts // self.n_group):
             raise SpecError("top_k exceeds the experts left eligible by group-limited routing")
-        if self.has_correction_bias and self.scoring != "sigmoid":
-            raise SpecError("a score-correction bias is only defined for sigmoid scoring")
+        if self.has_correction_bias and self.scoring == "topk_softmax":
+            raise SpecError("a score-correction bias is not defined for topk_softmax scoring")
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,8 @@ class ExpertSpec:
     Shared experts (DeepSeek) are a dense SwiGLU MLP of width num_shared * N applied to
     every token with weight 1; `shared_fused` says they were appended to the routed stack
     (experts E .. E+S-1) by the expert-fusion pass instead of being separate tensors.
+    `shared_gated` (Qwen2-MoE, Qwen3-Next): the shared experts' output is multiplied by
+    sigmoid(x @ shared_expert_gate^T), one scalar per token, instead of weight 1.
     """
 
     hidden_size: int
@@ -101,6 +108,7 @@ class ExpertSpec:
     has_bias: bool = False
     num_shared: int = 0
     shared_fused: bool = False
+    shared_gated: bool = False
 
     @property
     def canonical(self) -> bool:
@@ -119,6 +127,8 @@ class ExpertSpec:
             raise SpecError(f"gate/up layout {self.gate_up_layout!r} is not one of {GATE_UP_LAYOUTS}")
         if self.hidden_size < 1 or self.intermediate_size < 1 or self.num_shared < 0:
             raise SpecError("hidden_size and intermediate_size must be positive, num_shared >= 0")
+        if self.shared_gated and not self.num_shared:
+            raise SpecError("shared_gated needs shared experts (num_shared > 0)")
 
 
 @dataclass(frozen=True)
@@ -165,7 +175,8 @@ class MoELayerSpec:
         if e.has_bias:
             parts.append("bias")
         if e.num_shared:
-            parts.append(f"{e.num_shared} shared{' (fused)' if e.shared_fused else ''}")
+            parts.append(f"{e.num_shared} shared{' gated' if e.shared_gated else ''}"
+                         f"{' (fused)' if e.shared_fused else ''}")
         parts.append(f"layout={e.gate_up_layout}{'^T' if e.gate_up_transposed else ''}")
         return ", ".join(parts)
 
@@ -190,4 +201,11 @@ def kernel_unsupported(spec: MoELayerSpec) -> list[str]:
     top-k-softmax routing with groups and biases; SiLU, tanh-GELU and GPT-OSS SwiGLU);
     the lowering pass keeps a layer that needs anything else on the reference op.
     """
-    return []
+    missing = []
+    if spec.router.has_correction_bias and spec.router.scoring != "sigmoid":
+        missing.append("correction bias with softmax scoring")
+    if spec.router.renormalize_min:
+        missing.append("renormalisation clamp")
+    if spec.experts.shared_gated:
+        missing.append("gated shared experts")
+    return missing

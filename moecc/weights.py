@@ -16,6 +16,7 @@ Shapes (legend in moecc/spec.py), for the canonical layout:
     shared_gate        [S*N, K]     DeepSeek shared experts (nn.Linear weights)
     shared_up          [S*N, K]
     shared_down        [K, S*N]
+    shared_expert_gate [1, K]       Qwen2-MoE-style gate: shared output *= sigmoid(x @ g^T)
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class MoEWeights(NamedTuple):
     shared_gate: Optional[torch.Tensor]
     shared_up: Optional[torch.Tensor]
     shared_down: Optional[torch.Tensor]
+    # Last and defaulted, so code that builds MoEWeights from the first 11 fields still works.
+    shared_expert_gate: Optional[torch.Tensor] = None
 
 
 MOE_WEIGHT_FIELDS: tuple[str, ...] = MoEWeights._fields

@@ -6,7 +6,9 @@ Does:    resolves options.kernel_backend ("auto": Triton on CUDA when it is usab
          CPU when apache-tvm is installed, else the reference) and rebinds node targets to
          moecc::moe_layer_{triton,tvm} or keeps moecc::moe_layer.
 Guarantees: every layer node calls an op that runs on the graph's device, or compilation
-         stops here with an error that says which option to change.
+         stops here with an error that says which option to change. A layer using a
+         variant only the reference implements (moecc.spec.kernel_unsupported) stays on
+         the reference op, with a note saying which variant.
 Counters: triton, tvm, reference (layers bound to each).
 """
 
@@ -19,7 +21,7 @@ import torch
 
 from moecc.capture.report import PassResult
 from moecc.ops import op_for_backend
-from moecc.spec import MoELayerSpec
+from moecc.spec import MoELayerSpec, kernel_unsupported
 from moecc.passes.context import PassContext
 
 NAME = "lower_kernels"
@@ -68,6 +70,10 @@ def run(ctx: PassContext) -> PassResult:
         chosen = backend
         if chosen != "reference" and not spec.experts.canonical:
             notes.append(f"{spec.source}: layout not canonical, kept on the reference kernels")
+            chosen = "reference"
+        elif chosen != "reference" and kernel_unsupported(spec):
+            notes.append(f"{spec.source}: the {chosen} kernels lack {', '.join(kernel_unsupported(spec))}; "
+                         "kept on the reference kernels")
             chosen = "reference"
         node.target = op_for_backend(chosen)
         counters[chosen] += 1

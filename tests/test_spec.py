@@ -22,7 +22,7 @@ def test_json_round_trip_is_exact():
     (dict(scoring="relu"), "scoring"),
     (dict(n_group=3), "divide"),
     (dict(n_group=4, topk_group=5), "topk_group"),
-    (dict(has_correction_bias=True), "sigmoid"),
+    (dict(scoring="topk_softmax", has_correction_bias=True), "topk_softmax"),
 ])
 def test_invalid_router_is_refused(router, message):
     with pytest.raises(SpecError, match=message):

@@ -1,6 +1,8 @@
 """The reference MoE layer: the definition every kernel is compared with.
 
-out[t] = sum_j w[t, j] * expert_{id[t, j]}(x[t]) + sum_s shared_s(x[t])
+out[t] = sum_j w[t, j] * expert_{id[t, j]}(x[t]) + g(x[t]) * sum_s shared_s(x[t])
+
+g = 1, or sigmoid(x[t] @ shared_expert_gate^T) for gated shared experts (Qwen2-MoE).
 
 Routing in fp32 (backends/reference/routing.py); each expert's MLP in the weights'
 dtype, as the models' eager code does; the weighted sum accumulates in fp32 and is cast
@@ -27,7 +29,7 @@ def moe_layer(hidden: torch.Tensor, weights: MoEWeights, spec: MoELayerSpec) -> 
     logits = router_logits(hidden, weights.router_weight, weights.router_bias, spec.router)  # [T, E]
     topk_weights, topk_ids = route(logits, spec.router, weights.correction_bias)  # [T, k] x2
     experts = canonical_expert_weights(weights, spec.experts)
-    return combine_experts(hidden, topk_weights, topk_ids, experts, spec)
+    return combine_experts(hidden, topk_weights, topk_ids, experts, spec, weights.shared_expert_gate)
 
 
 def combine_experts(
@@ -36,6 +38,7 @@ def combine_experts(
     topk_ids: torch.Tensor,  # [T, k]
     experts,  # CanonicalExperts
     spec: MoELayerSpec,
+    shared_expert_gate=None,  # [1, K] when spec.experts.shared_gated
 ) -> torch.Tensor:
     """Weighted sum of the selected experts' outputs plus the shared experts -> [T, K]."""
     t = hidden.shape[0]
@@ -46,10 +49,19 @@ def combine_experts(
         y = expert_mlp(hidden[tok], experts.gate_up[e], experts.down[e], _row(experts.gate_up_bias, e),
                        _row(experts.down_bias, e), spec.experts)  # [t_e, K]
         out.index_add_(0, tok, y.float() * topk_weights[tok, slot, None].float())
-    for s in range(experts.num_shared):
-        e = num_routed + s
-        out += expert_mlp(hidden, experts.gate_up[e], experts.down[e], _row(experts.gate_up_bias, e),
-                          _row(experts.down_bias, e), spec.experts).float()
+    if experts.num_shared:
+        shared = torch.zeros_like(out)  # [T, K]
+        for s in range(experts.num_shared):
+            e = num_routed + s
+            shared += expert_mlp(hidden, experts.gate_up[e], experts.down[e], _row(experts.gate_up_bias, e),
+                                 _row(experts.down_bias, e), spec.experts).float()
+        if spec.experts.shared_gated:
+            if shared_expert_gate is None:
+                raise ValueError("the layer spec says shared_gated but no shared_expert_gate weight was given")
+            # The gate runs in the model's dtype, as the models' own nn.Linear does.
+            gate = torch.sigmoid(torch.nn.functional.linear(hidden, shared_expert_gate.to(hidden.dtype)))  # [T, 1]
+            shared = shared * gate.float()
+        out += shared
     return out.to(hidden.dtype)
 
 

@@ -32,7 +32,7 @@ def router_logits(
 def route(
     logits: torch.Tensor,  # [T, E], any float dtype; used in fp32
     spec: RouterSpec,
-    correction_bias: Optional[torch.Tensor] = None,  # [E]
+    correction_bias: Optional[torch.Tensor] = None,  # [E] (ERNIE stores it as [1, E])
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select experts. Returns (weights [T, k] fp32, expert ids [T, k] int64)."""
     logits = logits.float()
@@ -44,13 +44,16 @@ def route(
         scores = torch.softmax(logits, dim=-1) if spec.scoring == "softmax" else torch.sigmoid(logits)
         choice = scores
         if correction_bias is not None:
-            choice = scores + correction_bias.float()  # bias steers selection only
+            choice = scores + correction_bias.float().reshape(-1)  # bias steers selection only
         if spec.n_group > 1:
             choice = _mask_to_best_groups(choice, spec)
         ids = torch.topk(choice, k, dim=-1).indices  # [T, k]
         weights = scores.gather(1, ids)  # [T, k]
     if spec.renormalize:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + spec.renormalize_eps)
+        total = weights.sum(dim=-1, keepdim=True)  # [T, 1]
+        if spec.renormalize_min:
+            total = total.clamp(min=spec.renormalize_min)
+        weights = weights / (total + spec.renormalize_eps)
     if spec.routed_scaling_factor != 1.0:
         weights = weights * spec.routed_scaling_factor
     return weights, ids

@@ -12,6 +12,7 @@ Two steps, each of which may decline with a reason:
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass, field
 
@@ -60,6 +61,9 @@ _STACKED = {
 _STACKED_BIAS = {"gate_up_proj_bias": "gate_up_bias", "down_proj_bias": "down_bias"}
 _SHARED_LINEAR = {"gate_proj": "shared_gate", "up_proj": "shared_up", "down_proj": "shared_down",
                   "w1": "shared_gate", "w3": "shared_up", "w2": "shared_down"}
+# Selection-only score biases (DeepSeek-V3 e_score_correction_bias, AFMoE expert_bias,
+# ERNIE 4.5 moe_statics.e_score_correction_bias stored as [1, E]).
+_CORRECTION_BIAS = ("e_score_correction_bias", "expert_bias", "correction_bias", "score_correction_bias")
 _MUTATING_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
@@ -160,8 +164,12 @@ def _classify_weights(weight_nodes: list[fx.Node], region: Region) -> dict[str, 
             role = _STACKED.get(pname)
         elif pname in _STACKED_BIAS and v.dim() == 2:
             role = _STACKED_BIAS[pname]
+        elif pname in _CORRECTION_BIAS and v.numel() == e and v.dim() <= 2:
+            role = "correction_bias"
         elif v.dim() == 1 and _same_size(v.shape[0], e):
-            role = "router_bias" if pname == "bias" else "correction_bias" if "correction" in pname else None
+            role = "router_bias" if pname == "bias" else None
+        elif owner == "shared_expert_gate" and pname == "weight" and v.dim() == 2 and v.shape[0] == 1:
+            role = "shared_expert_gate"
         elif v.dim() == 2 and _same_size(v.shape[0], e) and pname == "weight" and "shared" not in owner:
             role = "router_weight"
         elif v.dim() == 2 and pname == "weight" and owner in _SHARED_LINEAR:
@@ -189,13 +197,18 @@ def _candidate_specs(region: Region, nodes: set[fx.Node], hidden: fx.Node,
                      weights: dict[str, fx.Node], scalars: dict[fx.Node, float]) -> list[MoELayerSpec]:
     k_size = example_value(hidden).shape[-1]
     expert_nodes = descendants([weights[r] for r in ("gate_up", "gate", "up", "down") if r in weights], nodes)
-    shared_nodes = descendants([weights[r] for r in ("shared_gate", "shared_up", "shared_down") if r in weights],
-                               nodes)
+    shared_nodes = descendants([weights[r] for r in ("shared_gate", "shared_up", "shared_down", "shared_expert_gate")
+                                if r in weights], nodes)
     router_nodes = [n for n in region.nodes if n not in expert_nodes and n not in shared_nodes]
     router = _router_spec(router_nodes, weights, scalars)
+    output_scale = _routed_output_scale(region, expert_nodes, shared_nodes, scalars)
+    if output_scale != 1.0:
+        router = dataclasses.replace(router, routed_scaling_factor=router.routed_scaling_factor * output_scale)
     specs = []
     for layout in _expert_layouts(region, expert_nodes, weights, k_size, scalars):
         try:
+            if "shared_expert_gate" in weights:
+                layout = dataclasses.replace(layout, shared_gated=True)
             specs.append(MoELayerSpec(router=router, experts=layout, source=region.path))
         except SpecError as exc:
             raise Decline(f"inconsistent layer description: {exc}") from exc
@@ -241,7 +254,7 @@ def _router_spec(router_nodes: list[fx.Node], weights: dict[str, fx.Node],
     if n_group > 1 and any(is_call(n, "amax", "max") and example_value(n.args[0]).dim() == 3 for n in router_nodes):
         group_scoring = "max"
 
-    renormalize, eps, scale = False, 0.0, 1.0
+    renormalize, eps, floor, scale = False, 0.0, 0.0, 1.0
     for n in router_nodes:
         if n not in after:
             continue
@@ -251,6 +264,8 @@ def _router_spec(router_nodes: list[fx.Node], weights: dict[str, fx.Node],
             denominator = n.args[1] if len(n.args) > 1 else None
             if isinstance(denominator, fx.Node) and call_name(denominator) in ("add", "iadd", "__add__"):
                 eps = float_constant(denominator, scalars) or 0.0
+            elif isinstance(denominator, fx.Node) and call_name(denominator) in ("clamp", "clamp_min", "clip"):
+                floor = constant_value(arg(denominator, 1, "min"), scalars) or 0.0
         elif name in ("mul", "imul", "__mul__", "mul_"):
             c = float_constant(n, scalars)
             if c is not None and c != 1.0:
@@ -263,8 +278,26 @@ def _router_spec(router_nodes: list[fx.Node], weights: dict[str, fx.Node],
         num_experts=e, top_k=top_k, scoring=scoring, n_group=n_group, topk_group=topk_group,
         group_scoring=group_scoring, has_router_bias="router_bias" in weights,
         has_correction_bias="correction_bias" in weights, renormalize=renormalize, renormalize_eps=eps,
-        routed_scaling_factor=scale, logits_in_fp32=logits_fp32,
+        renormalize_min=floor, routed_scaling_factor=scale, logits_in_fp32=logits_fp32,
     )
+
+
+def _routed_output_scale(region: Region, expert_nodes: set[fx.Node], shared_nodes: set[fx.Node],
+                         scalars: dict[fx.Node, float] | None) -> float:
+    """A constant multiplying the routed experts' sum in the MoE block itself (Beam applies
+    its routed_scaling_factor there, not to the routing weights): the same linear map as
+    scaling the weights. Muls inside the experts module (GPT-OSS's alpha) are not it."""
+    scale = 1.0
+    for n in region.nodes:
+        if n not in expert_nodes or n in shared_nodes or call_name(n) not in ("mul", "imul", "__mul__", "mul_"):
+            continue
+        stack = list(n.meta.get("nn_module_stack") or {})
+        if not stack or stack[-1] != region.key:
+            continue
+        c = float_constant(n, scalars)
+        if c is not None:
+            scale *= c
+    return scale
 
 
 def _expert_layouts(region: Region, expert_nodes: set[fx.Node], weights: dict[str, fx.Node],
