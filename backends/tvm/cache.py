@@ -52,7 +52,10 @@ def kernel_set(module, path: str) -> KernelSet:
 
 def open_module(path: Path, load: Callable[[str], Any]) -> KernelSet:
     """Load a stored module; for cuda, make its stored cubin serve the first-use compile."""
+    from moecc.backends.tvm.openmp_pool import use_torch_threads
+
     module = load(str(path))
+    use_torch_threads(path)  # llvm modules: parallel loops on torch's OpenMP threads
     cubin = cubin_path(path)
     if cubin.exists():
         from moecc.backends.tvm.cuda_binaries import cuda_source, serve_cubins, source_digest
