@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 SCORINGS = ("softmax", "sigmoid", "topk_softmax")
 GROUP_SCORINGS = ("top2_sum", "max")
-ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai")
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "swiglu_oai", "swiglu_softcap")
 GATE_UP_LAYOUTS = ("concat", "interleaved", "separate")
 
 
@@ -47,6 +47,9 @@ class RouterSpec:
     has_correction_bias with "softmax" scoring: the bias is added to the softmax
         probabilities for selection only (ERNIE 4.5's moe_statics), as for sigmoid.
     logits_in_fp32: the router matmul runs in fp32 (DeepSeek casts both operands).
+    select_on_logits: selection ranks the raw logits (+ correction bias) instead of the
+        scores; the weights are still the scores of the selected experts (Kolibri: sigmoid
+        of the gathered logits). With a bias this selects differently from ranking scores.
     """
 
     num_experts: int
@@ -62,6 +65,7 @@ class RouterSpec:
     renormalize_min: float = 0.0
     routed_scaling_factor: float = 1.0
     logits_in_fp32: bool = False
+    select_on_logits: bool = False
 
     def validate(self) -> None:
         if self.scoring not in SCORINGS:
@@ -90,6 +94,10 @@ class ExpertSpec:
                        "separate":    gate [E, N, K] and up [E, N, K] as two tensors
         gate_up_transposed: stored as [E, K, 2N] (or [E, K, N] when separate)
         down_transposed:    down stored as [E, N, K] instead of [E, K, N]
+    Activations (act(gate) * up unless said otherwise): "silu"; "gelu_tanh"; "gelu" (exact
+    erf); "swiglu_oai" (GPT-OSS, clamped with swiglu_limit, alpha-scaled sigmoid, up + 1);
+    "swiglu_softcap" (Inkling2, in fp32): gate_softcap*tanh(gate/gate_softcap) *
+    sigmoid(gate) * up_softcap*tanh(up/up_softcap).
     Shared experts (DeepSeek) are a dense SwiGLU MLP of width num_shared * N applied to
     every token with weight 1; `shared_fused` says they were appended to the routed stack
     (experts E .. E+S-1) by the expert-fusion pass instead of being separate tensors.
@@ -102,6 +110,8 @@ class ExpertSpec:
     activation: str = "silu"
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    gate_softcap: float = 0.0
+    up_softcap: float = 0.0
     gate_up_layout: str = "concat"
     gate_up_transposed: bool = False
     down_transposed: bool = False
@@ -127,6 +137,8 @@ class ExpertSpec:
             raise SpecError(f"gate/up layout {self.gate_up_layout!r} is not one of {GATE_UP_LAYOUTS}")
         if self.hidden_size < 1 or self.intermediate_size < 1 or self.num_shared < 0:
             raise SpecError("hidden_size and intermediate_size must be positive, num_shared >= 0")
+        if self.activation == "swiglu_softcap" and (self.gate_softcap <= 0 or self.up_softcap <= 0):
+            raise SpecError("swiglu_softcap needs positive gate_softcap and up_softcap")
         if self.shared_gated and not self.num_shared:
             raise SpecError("shared_gated needs shared experts (num_shared > 0)")
 
@@ -167,6 +179,8 @@ class MoELayerSpec:
             parts.append(f"groups {r.topk_group}/{r.n_group}")
         if r.has_correction_bias:
             parts.append("corr-bias")
+        if r.select_on_logits:
+            parts.append("select on logits")
         if r.renormalize:
             parts.append("renorm")
         if r.routed_scaling_factor != 1.0:
@@ -204,8 +218,12 @@ def kernel_unsupported(spec: MoELayerSpec) -> list[str]:
     missing = []
     if spec.router.has_correction_bias and spec.router.scoring != "sigmoid":
         missing.append("correction bias with softmax scoring")
+    if spec.router.select_on_logits:
+        missing.append("selection on raw logits")
     if spec.router.renormalize_min:
         missing.append("renormalisation clamp")
+    if spec.experts.activation in ("gelu", "swiglu_softcap"):
+        missing.append(f"{spec.experts.activation} activation")
     if spec.experts.shared_gated:
         missing.append("gated shared experts")
     return missing

@@ -30,6 +30,13 @@ def activation(gate: torch.Tensor, up: torch.Tensor, spec: ExpertSpec) -> torch.
         return torch.nn.functional.silu(gate) * up
     if spec.activation == "gelu_tanh":
         return torch.nn.functional.gelu(gate, approximate="tanh") * up
+    if spec.activation == "gelu":
+        return torch.nn.functional.gelu(gate) * up
+    if spec.activation == "swiglu_softcap":  # Inkling2: softcaps bound the linear factors, in fp32
+        g, u = gate.float(), up.float()
+        capped_g = spec.gate_softcap * torch.tanh(g / spec.gate_softcap)
+        capped_u = spec.up_softcap * torch.tanh(u / spec.up_softcap)
+        return (capped_g * torch.sigmoid(g) * capped_u).to(gate.dtype)
     if spec.activation == "swiglu_oai":  # GPT-OSS: clamped, alpha-scaled, (up + 1)
         gate = gate.clamp(max=spec.swiglu_limit)
         up = up.clamp(min=-spec.swiglu_limit, max=spec.swiglu_limit)

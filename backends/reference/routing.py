@@ -42,9 +42,9 @@ def route(
         weights = torch.softmax(top_logits, dim=-1)
     else:
         scores = torch.softmax(logits, dim=-1) if spec.scoring == "softmax" else torch.sigmoid(logits)
-        choice = scores
+        choice = logits if spec.select_on_logits else scores
         if correction_bias is not None:
-            choice = scores + correction_bias.float().reshape(-1)  # bias steers selection only
+            choice = choice + correction_bias.float().reshape(-1)  # bias steers selection only
         if spec.n_group > 1:
             choice = _mask_to_best_groups(choice, spec)
         ids = torch.topk(choice, k, dim=-1).indices  # [T, k]

@@ -244,7 +244,10 @@ def _router_spec(router_nodes: list[fx.Node], weights: dict[str, fx.Node],
     elif any(is_call(n, "sigmoid") for n in router_nodes):
         scoring = "sigmoid"
     else:
-        raise Decline("router scores are neither softmax nor sigmoid")
+        raise Decline("router scores are neither softmax nor sigmoid "
+                      f"(router ops: {sorted({call_name(n) for n in router_nodes} - {''})[:14]})")
+    # Sigmoid only of the gathered logits: selection ranked the raw logits (Kolibri).
+    select_on_logits = scoring == "sigmoid" and all(s in after for s in router_nodes if is_call(s, "sigmoid"))
 
     n_group, topk_group, group_scoring = 1, 1, "top2_sum"
     for t in topks[:-1]:
@@ -279,6 +282,7 @@ def _router_spec(router_nodes: list[fx.Node], weights: dict[str, fx.Node],
         group_scoring=group_scoring, has_router_bias="router_bias" in weights,
         has_correction_bias="correction_bias" in weights, renormalize=renormalize, renormalize_eps=eps,
         renormalize_min=floor, routed_scaling_factor=scale, logits_in_fp32=logits_fp32,
+        select_on_logits=select_on_logits,
     )
 
 
@@ -304,22 +308,29 @@ def _expert_layouts(region: Region, expert_nodes: set[fx.Node], weights: dict[st
                     k_size, scalars: dict[fx.Node, float] | None = None) -> list[ExpertSpec]:
     """Expert layout and activation candidates.
 
-    Activation: silu -> "silu"; gelu(approximate="tanh") -> "gelu_tanh"; clamp + sigmoid
-    of (gate * alpha) -> "swiglu_oai" with that alpha and the clamp limit.
+    Activation: silu -> "silu"; gelu(approximate="tanh") -> "gelu_tanh", plain gelu ->
+    "gelu"; clamp + sigmoid of (gate * alpha) -> "swiglu_oai" with that alpha and the
+    clamp limit; two c * tanh(x / c) + sigmoid -> "swiglu_softcap" (gate cap first).
     Layout: a stride-2 slice of the gate/up product -> "interleaved"; separate gate and up
     stacks -> "separate"; else "concat". Orientation from shapes: [E, 2N, K] or [E, K, 2N];
     when 2N == K (or N == K for down) both are candidates.
     """
     ordered = [n for n in region.nodes if n in expert_nodes]
     names = [call_name(n) for n in ordered]
-    alpha, limit = 1.702, 7.0
+    alpha, limit, caps = 1.702, 7.0, (0.0, 0.0)
     if "silu" in names:
         act = "silu"
     elif "gelu" in names:
         g = ordered[names.index("gelu")]
-        if g.kwargs.get("approximate", "none") != "tanh":
-            raise Decline("exact-erf GELU experts are not supported (only tanh GELU)")
-        act = "gelu_tanh"
+        act = "gelu_tanh" if g.kwargs.get("approximate", "none") == "tanh" else "gelu"
+    elif "tanh" in names and "sigmoid" in names:
+        # c * tanh(x / c) on the gate, then on up (Inkling2's softcapped SwiGLU)
+        found = [float_constant(t.args[0], scalars) for t in ordered if call_name(t) == "tanh"
+                 and isinstance(t.args[0], fx.Node) and call_name(t.args[0]) in ("truediv", "div", "__truediv__")]
+        if len(found) != 2 or None in found:
+            raise Decline("tanh in the experts is not the softcapped SwiGLU moecc knows "
+                          "(c_g*tanh(gate/c_g) * sigmoid(gate) * c_u*tanh(up/c_u))")
+        act, caps = "swiglu_softcap", (found[0], found[1])
     elif "sigmoid" in names and "clamp" in names:
         act = "swiglu_oai"
         sig = ordered[names.index("sigmoid")]
@@ -361,6 +372,7 @@ def _expert_layouts(region: Region, expert_nodes: set[fx.Node], weights: dict[st
         for down_t in down_options:
             specs.append(ExpertSpec(
                 hidden_size=k, intermediate_size=n, activation=act, swiglu_alpha=alpha, swiglu_limit=limit,
+                gate_softcap=caps[0], up_softcap=caps[1],
                 gate_up_layout=layout, gate_up_transposed=transposed, down_transposed=down_t,
                 has_bias=has_bias, num_shared=num_shared,
             ))
