@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 SCORINGS = ("softmax", "sigmoid", "topk_softmax")
 GROUP_SCORINGS = ("top2_sum", "max")
-ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "swiglu_oai", "swiglu_softcap")
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "swiglu_oai", "swiglu_softcap", "relu2")
 GATE_UP_LAYOUTS = ("concat", "interleaved", "separate")
 
 
@@ -94,6 +94,9 @@ class ExpertSpec:
                        "separate":    gate [E, N, K] and up [E, N, K] as two tensors
         gate_up_transposed: stored as [E, K, 2N] (or [E, K, N] when separate)
         down_transposed:    down stored as [E, N, K] instead of [E, K, N]
+    `gated=False` (NemotronH): each expert is down(act(up(x))) with no gate; gate_up then
+    holds the up projection alone, [E, N, K] (shared MLPs likewise, in shared_gate), and
+    the activation is applied to it ("relu2": relu(x)^2, or silu / gelu / gelu_tanh).
     Activations (act(gate) * up unless said otherwise): "silu"; "gelu_tanh"; "gelu" (exact
     erf); "swiglu_oai" (GPT-OSS, clamped with swiglu_limit, alpha-scaled sigmoid, up + 1);
     "swiglu_softcap" (Inkling2, in fp32): gate_softcap*tanh(gate/gate_softcap) *
@@ -101,6 +104,11 @@ class ExpertSpec:
     Shared experts (DeepSeek) are a dense SwiGLU MLP of width num_shared * N applied to
     every token with weight 1; `shared_fused` says they were appended to the routed stack
     (experts E .. E+S-1) by the expert-fusion pass instead of being separate tensors.
+    `shared_intermediate_size` (0: S*N): a shared MLP whose width Ns is not a multiple of
+    N; it counts as S = ceil(Ns/N) experts, zero-padded to S*N (exact: the padded
+    channels meet zero columns of down).
+    `shared_gate_up_fused` (MiniMax-M3): the shared MLP's gate and up are one Linear,
+    [2*S*N, K] with gate rows first, passed as shared_gate (shared_up absent).
     `shared_gated` (Qwen2-MoE, Qwen3-Next): the shared experts' output is multiplied by
     sigmoid(x @ shared_expert_gate^T), one scalar per token, instead of weight 1.
     """
@@ -119,6 +127,9 @@ class ExpertSpec:
     num_shared: int = 0
     shared_fused: bool = False
     shared_gated: bool = False
+    shared_gate_up_fused: bool = False
+    shared_intermediate_size: int = 0
+    gated: bool = True
 
     @property
     def canonical(self) -> bool:
@@ -137,8 +148,18 @@ class ExpertSpec:
             raise SpecError(f"gate/up layout {self.gate_up_layout!r} is not one of {GATE_UP_LAYOUTS}")
         if self.hidden_size < 1 or self.intermediate_size < 1 or self.num_shared < 0:
             raise SpecError("hidden_size and intermediate_size must be positive, num_shared >= 0")
+        if self.gated == (self.activation == "relu2") or (not self.gated and self.activation not in (
+                "relu2", "silu", "gelu", "gelu_tanh")):
+            raise SpecError(f"activation {self.activation!r} is not defined for gated={self.gated}")
+        if not self.gated and (self.gate_up_layout != "concat" or self.shared_gate_up_fused or self.shared_gated):
+            raise SpecError("non-gated experts take the concat layout without fused or gated shared experts")
         if self.activation == "swiglu_softcap" and (self.gate_softcap <= 0 or self.up_softcap <= 0):
             raise SpecError("swiglu_softcap needs positive gate_softcap and up_softcap")
+        if self.shared_intermediate_size and not (
+                (self.num_shared - 1) * self.intermediate_size < self.shared_intermediate_size
+                <= self.num_shared * self.intermediate_size):
+            raise SpecError(f"shared_intermediate_size={self.shared_intermediate_size} does not fit "
+                            f"num_shared={self.num_shared} experts of width {self.intermediate_size}")
         if self.shared_gated and not self.num_shared:
             raise SpecError("shared_gated needs shared experts (num_shared > 0)")
 
@@ -185,7 +206,7 @@ class MoELayerSpec:
             parts.append("renorm")
         if r.routed_scaling_factor != 1.0:
             parts.append(f"scale {r.routed_scaling_factor:g}")
-        parts.append(f"K={e.hidden_size} N={e.intermediate_size} {e.activation}")
+        parts.append(f"K={e.hidden_size} N={e.intermediate_size} {e.activation}{'' if e.gated else ' (no gate)'}")
         if e.has_bias:
             parts.append("bias")
         if e.num_shared:
@@ -226,4 +247,6 @@ def kernel_unsupported(spec: MoELayerSpec) -> list[str]:
         missing.append(f"{spec.experts.activation} activation")
     if spec.experts.shared_gated:
         missing.append("gated shared experts")
+    if not spec.experts.gated:
+        missing.append("non-gated experts")
     return missing

@@ -24,8 +24,15 @@ class CanonicalExperts(NamedTuple):
     num_shared: int  # S: the last S experts are always active with weight 1
 
 
-def activation(gate: torch.Tensor, up: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
-    """act(gate) * up for the layer's activation; [t, N] x [t, N] -> [t, N]."""
+def activation(gate: torch.Tensor, up: Optional[torch.Tensor], spec: ExpertSpec) -> torch.Tensor:
+    """act(gate) * up for the layer's activation; [t, N] x [t, N] -> [t, N].
+    Non-gated experts (up is None): act(x) of the one projection."""
+    if not spec.gated:
+        if spec.activation == "relu2":
+            return torch.square(torch.relu(gate))
+        if spec.activation == "silu":
+            return torch.nn.functional.silu(gate)
+        return torch.nn.functional.gelu(gate, approximate="tanh" if spec.activation == "gelu_tanh" else "none")
     if spec.activation == "silu":
         return torch.nn.functional.silu(gate) * up
     if spec.activation == "gelu_tanh":
@@ -67,10 +74,22 @@ def canonical_expert_weights(w: MoEWeights, spec: ExpertSpec) -> CanonicalExpert
         # A dense MLP of width S*N is the sum of S experts of width N (split the
         # intermediate dimension): append them as always-active experts.
         k = spec.hidden_size
-        sg = w.shared_gate.view(num_shared, n, k)
-        su = w.shared_up.view(num_shared, n, k)
-        sd = w.shared_down.view(k, num_shared, n).transpose(0, 1)  # [S, K, N]
-        gate_up = torch.cat([gate_up, torch.cat([sg, su], dim=1).to(gate_up.dtype)], dim=0)
+        shared_gate, shared_up = w.shared_gate, w.shared_up
+        if not spec.gated:  # one projection; stands in for "up" only to share the padding code
+            shared_up = shared_gate
+        if spec.shared_gate_up_fused:  # one [2*S*N, K] Linear, gate rows first
+            shared_gate, shared_up = w.shared_gate.chunk(2, dim=0)
+        shared_down = w.shared_down
+        pad = num_shared * n - shared_gate.shape[0]
+        if pad:  # width Ns < S*N: zero channels meet zero down columns, so the sum is unchanged
+            shared_gate = torch.nn.functional.pad(shared_gate, (0, 0, 0, pad))
+            shared_up = torch.nn.functional.pad(shared_up, (0, 0, 0, pad))
+            shared_down = torch.nn.functional.pad(shared_down, (0, pad))
+        sg = shared_gate.reshape(num_shared, n, k)
+        su = shared_up.reshape(num_shared, n, k)
+        sd = shared_down.reshape(k, num_shared, n).transpose(0, 1)  # [S, K, N]
+        shared_rows = torch.cat([sg, su], dim=1) if spec.gated else sg  # [S, 2N, K] or [S, N, K]
+        gate_up = torch.cat([gate_up, shared_rows.to(gate_up.dtype)], dim=0)
         down = torch.cat([down, sd.to(down.dtype)], dim=0)
         if gate_up_bias is not None:
             gate_up_bias = torch.cat([gate_up_bias, gate_up_bias.new_zeros(num_shared, 2 * n)])
@@ -81,7 +100,7 @@ def canonical_expert_weights(w: MoEWeights, spec: ExpertSpec) -> CanonicalExpert
 
 def expert_mlp(
     x: torch.Tensor,  # [t, K]
-    gate_up: torch.Tensor,  # [2N, K]
+    gate_up: torch.Tensor,  # [2N, K] ([N, K] for non-gated experts)
     down: torch.Tensor,  # [K, N]
     gate_up_bias: Optional[torch.Tensor],  # [2N]
     down_bias: Optional[torch.Tensor],  # [K]
@@ -89,6 +108,6 @@ def expert_mlp(
 ) -> torch.Tensor:
     """One expert's gated MLP in the weights' dtype -> [t, K]."""
     n = spec.intermediate_size
-    h = torch.nn.functional.linear(x.to(gate_up.dtype), gate_up, gate_up_bias)  # [t, 2N]
-    a = activation(h[:, :n], h[:, n:], spec)  # [t, N]
+    h = torch.nn.functional.linear(x.to(gate_up.dtype), gate_up, gate_up_bias)  # [t, 2N] ([t, N] if not gated)
+    a = activation(h[:, :n], h[:, n:] if spec.gated else None, spec)  # [t, N]
     return torch.nn.functional.linear(a, down, down_bias)  # [t, K]

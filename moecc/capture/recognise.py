@@ -59,7 +59,7 @@ _STACKED = {
     "gate_proj": "gate", "w1": "gate",
 }
 _STACKED_BIAS = {"gate_up_proj_bias": "gate_up_bias", "down_proj_bias": "down_bias"}
-_SHARED_LINEAR = {"gate_proj": "shared_gate", "up_proj": "shared_up", "down_proj": "shared_down",
+_SHARED_LINEAR = {"gate_up_proj": "shared_gate_up", "gate_proj": "shared_gate", "up_proj": "shared_up", "down_proj": "shared_down",
                   "w1": "shared_gate", "w3": "shared_up", "w2": "shared_down"}
 # Selection-only score biases (DeepSeek-V3 e_score_correction_bias, AFMoE expert_bias,
 # ERNIE 4.5 moe_statics.e_score_correction_bias stored as [1, E]).
@@ -98,12 +98,19 @@ def recognise(region: Region, scalars: dict[fx.Node, float] | None = None) -> Re
     for required in ("router_weight", "down"):
         if required not in weights:
             raise Decline(f"no {required.replace('_', ' ')} found among the layer's parameters")
-    if "gate_up" not in weights and "gate" not in weights:
-        raise Decline("no gate/up expert weights found")
+    gated = "gate_up" in weights or "gate" in weights
+    if not gated and "up" not in weights:
+        raise Decline("no gate/up or up expert weights found")
+    if not gated:  # NemotronH: down(act(up(x))); the one projection travels as gate_up
+        weights["gate_up"] = weights.pop("up")
+        if "shared_up" in weights and "shared_gate" not in weights:
+            weights["shared_gate"] = weights.pop("shared_up")
 
-    candidates = _candidate_specs(region, nodes, hidden, weights, scalars)
+    candidates = _candidate_specs(region, nodes, hidden, weights, scalars, gated)
     if "gate" in weights:  # separate gate and up stacks travel as gate_up (gate) + up
         weights["gate_up"] = weights.pop("gate")
+    if "shared_gate_up" in weights:  # a fused shared gate/up Linear travels as shared_gate
+        weights["shared_gate"] = weights.pop("shared_gate_up")
     impl = _experts_implementation(region)
     baked = {a: scalars[a] for a in externals if a in scalars}
     return Recognised(hidden, output, weights, candidates, impl, externals, keep, baked)
@@ -194,10 +201,12 @@ def _experts_implementation(region: Region) -> str:
 
 
 def _candidate_specs(region: Region, nodes: set[fx.Node], hidden: fx.Node,
-                     weights: dict[str, fx.Node], scalars: dict[fx.Node, float]) -> list[MoELayerSpec]:
+                     weights: dict[str, fx.Node], scalars: dict[fx.Node, float],
+                     gated: bool = True) -> list[MoELayerSpec]:
     k_size = example_value(hidden).shape[-1]
     expert_nodes = descendants([weights[r] for r in ("gate_up", "gate", "up", "down") if r in weights], nodes)
-    shared_nodes = descendants([weights[r] for r in ("shared_gate", "shared_up", "shared_down", "shared_expert_gate")
+    shared_nodes = descendants([weights[r] for r in ("shared_gate", "shared_up", "shared_down", "shared_expert_gate",
+                                                     "shared_gate_up")
                                 if r in weights], nodes)
     router_nodes = [n for n in region.nodes if n not in expert_nodes and n not in shared_nodes]
     router = _router_spec(router_nodes, weights, scalars)
@@ -205,7 +214,7 @@ def _candidate_specs(region: Region, nodes: set[fx.Node], hidden: fx.Node,
     if output_scale != 1.0:
         router = dataclasses.replace(router, routed_scaling_factor=router.routed_scaling_factor * output_scale)
     specs = []
-    for layout in _expert_layouts(region, expert_nodes, weights, k_size, scalars):
+    for layout in _expert_layouts(region, expert_nodes, weights, k_size, scalars, gated):
         try:
             if "shared_expert_gate" in weights:
                 layout = dataclasses.replace(layout, shared_gated=True)
@@ -305,7 +314,7 @@ def _routed_output_scale(region: Region, expert_nodes: set[fx.Node], shared_node
 
 
 def _expert_layouts(region: Region, expert_nodes: set[fx.Node], weights: dict[str, fx.Node],
-                    k_size, scalars: dict[fx.Node, float] | None = None) -> list[ExpertSpec]:
+                    k_size, scalars: dict[fx.Node, float] | None = None, gated: bool = True) -> list[ExpertSpec]:
     """Expert layout and activation candidates.
 
     Activation: silu -> "silu"; gelu(approximate="tanh") -> "gelu_tanh", plain gelu ->
@@ -318,7 +327,9 @@ def _expert_layouts(region: Region, expert_nodes: set[fx.Node], weights: dict[st
     ordered = [n for n in region.nodes if n in expert_nodes]
     names = [call_name(n) for n in ordered]
     alpha, limit, caps = 1.702, 7.0, (0.0, 0.0)
-    if "silu" in names:
+    if not gated and "relu" in names and ("square" in names or "pow" in names):
+        act = "relu2"
+    elif "silu" in names:
         act = "silu"
     elif "gelu" in names:
         g = ordered[names.index("gelu")]
@@ -351,7 +362,7 @@ def _expert_layouts(region: Region, expert_nodes: set[fx.Node], weights: dict[st
     _, a, b = (int(x) for x in example_value(first).shape)
     _, da, db = (int(x) for x in example_value(weights["down"]).shape)
     k = int(k_size)
-    width = 1 if separate else 2  # gate_up rows per intermediate channel
+    width = 1 if separate or not gated else 2  # gate_up rows per intermediate channel
     up_options = []
     if b == k:
         up_options.append((False, a // width))
@@ -360,21 +371,23 @@ def _expert_layouts(region: Region, expert_nodes: set[fx.Node], weights: dict[st
     if not up_options:
         raise Decline(f"expert weight {tuple(example_value(first).shape)} has no dimension equal to hidden size {k}")
     has_bias = "gate_up_bias" in weights or "down_bias" in weights
-    num_shared = 0
+    num_shared, shared_width = 0, 0
     specs = []
     for transposed, n in up_options:
-        if "shared_gate" in weights:
-            width_shared = int(example_value(weights["shared_gate"]).shape[0])
-            if width_shared % n:
-                raise Decline(f"shared expert width {width_shared} is not a multiple of the expert width {n}")
-            num_shared = width_shared // n
+        fused_shared = "shared_gate_up" in weights
+        if "shared_gate" in weights or fused_shared:
+            width_shared = int(example_value(weights["shared_gate_up" if fused_shared else "shared_gate"]).shape[0])
+            width_shared //= 2 if fused_shared else 1
+            num_shared = -(-width_shared // n)  # ceil: a narrower shared MLP is zero-padded
+            shared_width = width_shared if width_shared % n else 0
         down_options = [d for d, ok in ((False, (da, db) == (k, n)), (True, (da, db) == (n, k))) if ok]
         for down_t in down_options:
             specs.append(ExpertSpec(
                 hidden_size=k, intermediate_size=n, activation=act, swiglu_alpha=alpha, swiglu_limit=limit,
                 gate_softcap=caps[0], up_softcap=caps[1],
                 gate_up_layout=layout, gate_up_transposed=transposed, down_transposed=down_t,
-                has_bias=has_bias, num_shared=num_shared,
+                has_bias=has_bias, num_shared=num_shared, shared_gate_up_fused=fused_shared,
+                shared_intermediate_size=shared_width, gated=gated,
             ))
     if not specs:
         raise Decline(f"down weight {(da, db)} does not match hidden size {k} and the expert width")

@@ -6,6 +6,10 @@ names the variant.
     afmoe         sigmoid routing with an `expert_bias` selection bias
     ernie4_5_moe  softmax + [1, E] selection bias, renormalisation clamped at norm_min
     beam          routed_scaling_factor applied to the experts' sum in the block
+    kolibri1      selection on raw logits + bias, weights = sigmoid of the selected logits
+    inkling2      softcapped SwiGLU experts (tanh caps on gate and up)
+    minimax_m3_vl shared MLP with one fused gate/up Linear, narrower than the experts
+    nemotron_h    non-gated ReLU^2 experts and shared MLP
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ CASES = {
     "ernie4_5_moe": lambda s: s.router.scoring == "softmax" and s.router.has_correction_bias
     and s.router.renormalize_min > 0,
     "beam": lambda s: s.router.routed_scaling_factor == 2.5 and s.router.n_group == 4,
+    "kolibri1": lambda s: s.router.select_on_logits and s.router.has_correction_bias,
+    "inkling2": lambda s: s.experts.activation == "swiglu_softcap" and s.experts.gate_softcap > 0,
+    "minimax_m3_vl": lambda s: s.experts.shared_gate_up_fused and s.experts.shared_intermediate_size == 32,
+    "nemotron_h": lambda s: not s.experts.gated and s.experts.activation == "relu2" and s.experts.num_shared == 1,
 }
 
 
