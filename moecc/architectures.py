@@ -141,8 +141,13 @@ def shrink(config, layers: int = TINY_LAYERS) -> None:
             if name in ("n_groups", "mamba_n_groups", "o_groups"):
                 tiny = min(tiny, values[name])
             _set(config, name, tiny if values[name] > 0 else 0)
-    if isinstance(values.get("qk_rope_head_dim"), int) and values.get("head_dim") == values["qk_rope_head_dim"]:
-        _set(config, "head_dim", config.qk_rope_head_dim)  # MLA: head_dim names the rotary part
+    old_rope, old_head = values.get("qk_rope_head_dim"), values.get("head_dim")
+    if isinstance(old_rope, int) and isinstance(old_head, int) and old_head % old_rope == 0:
+        # MLA: head_dim is the rotary part (DeepSeek) or a multiple set by a partial rotary factor
+        _set(config, "head_dim", config.qk_rope_head_dim * (old_head // old_rope))
+    for name, tiny in _TINY_FIELDS.items():  # per-modality sizes (ERNIE-VL: [text, vision] experts)
+        if isinstance(values.get(name), list) and values[name] and all(isinstance(v, int) for v in values[name]):
+            _set(config, name, [tiny] * len(values[name]))
     kv = values.get("num_key_value_heads")
     if isinstance(kv, int):
         _set(config, "num_key_value_heads", 1 if kv == 1 else 4 if kv == heads_before else 2)
