@@ -123,6 +123,15 @@ def test_config_fitting_keeps_accumulators_on_the_stack():
         TVMKernelConfig.from_dict({"block_m": 4, "warps": 2})
 
 
+def test_default_config_decode_uses_single_row_blocks():
+    """Decode (far fewer rows than experts) must not pad every expert's one row to block_m 2."""
+    from moecc.backends.tvm.config import default_config
+
+    assert default_config("llvm", 1, 128, 8).block_m == 1  # 1 token x top-8 over 128 experts
+    assert default_config("llvm", 64, 128, 8).block_m == 2  # 4 rows per expert
+    assert default_config("llvm", 4096, 128, 8).block_m == 8
+
+
 def test_zero_tokens():
     from moecc.backends.tvm import moe_layer
 
