@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from moecc.capture.graph_utils import example_value, scalar_inputs
 from moecc.capture.recognise import Decline, recognise
-from moecc.capture.regions import find_eager_experts_modules, find_moe_regions
+from moecc.capture.regions import find_eager_experts_modules, find_moe_regions, find_unrouted_expert_modules
 from moecc.capture.report import CapturedLayer, GraphReport, SkippedRegion
 from moecc.capture.verify import CannotVerify, verify
 from moecc.options import CompileOptions
@@ -63,7 +63,11 @@ def capture_moe_layers(gm: fx.GraphModule, example_inputs: Sequence[Any], option
             report.skipped.append(SkippedRegion(path, "Experts", EAGER_EXPERTS_HINT))
     values = real_input_values(gm, example_inputs)
     scalars = scalar_inputs(values)
-    for region in find_moe_regions(gm.graph):
+    regions = find_moe_regions(gm.graph)
+    if not eager:
+        for path, cls, reason in find_unrouted_expert_modules(gm.graph, regions):
+            report.skipped.append(SkippedRegion(path, cls, reason))
+    for region in regions:
         try:
             rec = recognise(region, scalars)
         except Decline as exc:

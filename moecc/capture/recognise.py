@@ -80,7 +80,10 @@ def recognise(region: Region, scalars: dict[fx.Node, float] | None = None) -> Re
     activations = [a for a in externals if not is_weight_node(a) and a not in scalars
                    and isinstance(example_value(a), torch.Tensor)]
     if len(activations) != 1:
-        raise Decline(f"expected one activation input, found {len(activations)}: {[a.name for a in activations]}")
+        raise Decline(f"expected one activation input (the hidden states), found {len(activations)}: "
+                      f"{[a.name for a in activations]}; the router and experts of {region.module_class} do not "
+                      "sit in a module whose only input is the hidden states (the router reads another tensor, "
+                      "or the MoE is inlined in a larger layer)")
     hidden = activations[0]
     escaping = [n for n in region.nodes if any(u not in nodes for u in n.users)]
     outputs = [n for n in escaping if isinstance(example_value(n), torch.Tensor)]

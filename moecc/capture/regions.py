@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from moecc.capture.graph_utils import example_value, is_call, is_weight_node
+from moecc.capture.graph_utils import call_name, example_value, is_call, is_weight_node
 
 
 @dataclass
@@ -67,6 +67,33 @@ def find_moe_regions(graph: fx.Graph) -> list[Region]:
         regions.append(Region(key, paths[key][0], paths[key][1], nodes))
     regions.sort(key=lambda r: min(_order(graph, n) for n in r.nodes))
     return regions
+
+
+def find_unrouted_expert_modules(graph: fx.Graph, regions: list[Region]) -> list[tuple[str, str, str]]:
+    """Modules that read stacked expert weights outside every region: their experts are
+    used but no torch.topk selects them (e.g. PhiMoE's sparsemixer picks with max/argmax
+    and masking). Returns (block path, block class, reason) per block, the block being
+    the experts module's parent, so that a user can see and file the router variant."""
+    covered = [r.path for r in regions]
+    blocks: dict[str, tuple[str, set[str]]] = {}
+    for n in graph.nodes:
+        if n.op == "placeholder" or not any(_is_stacked_weight(a) for a in n.all_input_nodes):
+            continue
+        paths = [(_clean_path(str(p)), getattr(c, "__name__", str(c))) for p, c in _stack(n).values()]
+        if not paths or any(p == r or p.startswith(r + ".") for p, _ in paths for r in covered):
+            continue
+        parent = paths[-2] if len(paths) > 1 else paths[-1]
+        blocks.setdefault(parent[0], (parent[1], set()))
+    found = []
+    for path, (cls, _) in blocks.items():
+        # ops run by the block itself and its router, not inside the experts module
+        ops = sorted({call_name(n) for n in graph.nodes if n.op != "placeholder"
+                      and any(_clean_path(str(p)) == path for p, _ in _stack(n).values())
+                      and not any(_clean_path(str(p)).startswith(path + ".experts") for p, _ in _stack(n).values())}
+                     - {""})
+        found.append((path, cls, "stacked expert weights are used here, but no torch.topk selects the experts: "
+                      f"the router is a variant moecc does not recognise (block ops: {', '.join(ops[:16])})"))
+    return found
 
 
 def _order(graph: fx.Graph, node: fx.Node) -> int:

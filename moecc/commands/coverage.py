@@ -41,7 +41,7 @@ def run(args) -> int:
     from moecc.architectures import moe_architectures
     from moecc.coverage import summary, sweep, to_json, to_markdown
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     known = moe_architectures()
     names = args.architectures or known
     unknown = [n for n in names if n not in known]
