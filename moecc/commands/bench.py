@@ -2,6 +2,7 @@
 
     moecc bench --out DIR [--shapes ...] [--tokens ...] [--impl ...] [--quick] [--e2e]
     moecc bench --device cpu --quick --out DIR     # CPU smoke run of the harness (tiny shapes)
+    moecc bench --cpu --e2e --out DIR              # CPU decode: eager, Inductor, moecc, llama.cpp
 
 Writes DIR/results.json and DIR/fraction_of_floor.png and prints the tables, the summary
 last. The harness lives in bench/ (imported as moecc.bench from a source checkout).
@@ -34,7 +35,19 @@ def register(subparsers) -> None:
     p.add_argument("--e2e", action="store_true", help="also run end-to-end decode (transformers models)")
     p.add_argument("--e2e-only", action="store_true", help="only end-to-end decode")
     p.add_argument("--e2e-models", nargs="+", default=[], metavar="NAME")
-    p.add_argument("--e2e-batches", nargs="+", type=int, default=[1, 32], metavar="B")
+    p.add_argument("--e2e-batches", nargs="+", type=int, default=None, metavar="B",
+                   help="batch sizes of end-to-end decode (default 1 32 on a GPU, 1 8 with --cpu)")
+    cpu = p.add_argument_group("CPU end-to-end decode (--cpu --e2e; bench/cpu_decode.py)")
+    cpu.add_argument("--cpu", action="store_true",
+                     help="with --e2e: greedy decode on this CPU of a Qwen3-30B-A3B-width model, eager vs static "
+                          "cache + Inductor vs moecc vs llama.cpp (if installed), read bandwidth measured in the run")
+    cpu.add_argument("--layers", type=int, default=4, help="decoder layers of the CPU model (default 4)")
+    cpu.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    cpu.add_argument("--variants", nargs="+", default=["eager", "static", "moecc", "llama.cpp"],
+                     choices=["eager", "static", "moecc", "llama.cpp"])
+    cpu.add_argument("--rounds", type=int, default=1, help="processes per variant, interleaved; best median kept")
+    cpu.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
+    cpu.add_argument("--new-tokens", type=int, default=24, help="decode steps per generate() (default 24)")
     p.add_argument("--from-results", metavar="RESULTS_JSON",
                    help="measure nothing: print the tables and write the plot into --out from a results.json "
                         "(e.g. one fetched from a GPU machine without matplotlib)")
@@ -47,6 +60,8 @@ def register(subparsers) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    if args.cpu:
+        return _cpu_decode(args)
     if args.from_results:
         from moecc.bench.run_all import rerender
 
@@ -71,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
         out=args.out, shapes=tuple(args.shapes), tokens=tuple(args.tokens),
         implementations=tuple(args.implementations), modes=tuple(args.modes), device=args.device,
         dtype=args.dtype, quick=args.quick, e2e=args.e2e or args.e2e_only, kernels=not args.e2e_only,
-        e2e_models=tuple(args.e2e_models), e2e_batches=tuple(args.e2e_batches),
+        e2e_models=tuple(args.e2e_models), e2e_batches=tuple(args.e2e_batches or (1, 32)),
         time_budget_s=args.time_budget)
     try:
         results = run(opts)
@@ -80,3 +95,32 @@ def main(args: argparse.Namespace) -> int:
         return 2
     failed = [c for c in results["checks"] if not c["ok"]]
     return 1 if failed else 0
+
+
+def _cpu_decode(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    if not (args.e2e or args.e2e_only):
+        print("moecc bench --cpu measures end-to-end decode: add --e2e (the MoE-layer comparison on a CPU "
+              "is bench/bench_tvm_cpu.py)", file=sys.stderr)
+        return 2
+    bad = [n for n in ("layers", "rounds", "new_tokens") if getattr(args, n) < 1] + (
+        ["threads"] if args.threads < 0 else []) + (["e2e-batches"] if any(b < 1 for b in args.e2e_batches or []) else [])
+    if bad:
+        print(f"moecc bench --cpu: {', '.join(bad)} must be positive", file=sys.stderr)
+        return 2
+    from moecc.bench.cpu_decode import CPUDecodeConfig, format_table, run
+
+    cfg = CPUDecodeConfig(layers=args.layers, batches=tuple(args.e2e_batches or (1, 8)), dtypes=tuple(args.dtypes),
+                          variants=tuple(args.variants), rounds=args.rounds, threads=args.threads,
+                          new_tokens=args.new_tokens)
+    command = "moecc bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "bench" else [])
+    results = run(cfg, args.out, command=command.strip())
+    table = format_table(results)
+    out = Path(args.out)
+    (out / "cpu_decode.json").write_text(json.dumps(results, indent=1))
+    (out / "cpu_decode.md").write_text(table + "\n")
+    print(table)
+    measured = [v for r in results["rows"] for v in r["variants"].values()]
+    return 0 if measured else 1
