@@ -1,0 +1,146 @@
+"""The llama.cpp peer (bench/llamacpp_peer.py): GGUF layout, quantisation, and llama.cpp's
+logits and greedy tokens against transformers eager on the same (tiny) weights.
+
+Tests needing gguf / llama-cpp-python skip without them (they are optional, not in CI);
+the error a missing package raises and the refusal of unsupported configs always run.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from moecc.bench import llamacpp_peer as peer
+
+PROMPT = [3, 141, 59, 26, 5, 35, 89, 79, 32, 38, 46, 26]
+NEW_TOKENS = 8
+
+
+def tiny_config(**overrides):
+    from transformers import AutoConfig
+
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+              num_hidden_layers=2, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+              max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.1)
+    kw.update(overrides)
+    return AutoConfig.for_model("qwen3_moe", **kw)
+
+
+def tiny_model(seed: int = 0, **overrides):
+    """fp32 tiny Qwen3-MoE whose weights are exactly representable in F16, so writing F16
+    loses nothing and llama.cpp vs transformers differs only by arithmetic. Norm weights
+    are random (not all ones) so a swapped or dropped norm changes the logits."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(**overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            p.copy_(p.half().float())
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def f16_path(model, tmp_path_factory):
+    pytest.importorskip("gguf")
+    return peer.write_gguf(model, tmp_path_factory.mktemp("gguf") / "tiny-F16.gguf", progress=False)
+
+
+# --- always run ----------------------------------------------------------------------
+
+
+def test_missing_packages_name_what_to_install(model, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)          # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(peer.LlamaCppUnavailable, match="pip install gguf"):
+        peer.write_gguf(model, tmp_path / "x.gguf")
+    with pytest.raises(peer.LlamaCppUnavailable, match="pip install llama-cpp-python"):
+        peer.decode_ms_per_step(tmp_path / "x.gguf", [1, 2], 2, 1)
+    with pytest.raises(peer.LlamaCppUnavailable, match="pip install llama-cpp-python"):
+        peer.quantize_gguf(tmp_path / "x.gguf", tmp_path / "y.gguf", "Q8_0")
+
+
+@pytest.mark.parametrize("override, reason", [
+    (dict(norm_topk_prob=False), "norm_topk_prob"),
+    (dict(mlp_only_layers=[1]), "mlp_only_layers"),
+    (dict(attention_bias=True), "attention_bias"),
+])
+def test_refuses_configs_llama_cpp_computes_differently(override, reason):
+    with pytest.raises(ValueError, match=reason):
+        peer.check_supported(tiny_config(**override))
+    peer.check_supported(tiny_config())  # the default tiny config is accepted
+
+
+# --- GGUF layout (needs gguf) --------------------------------------------------------
+
+
+def test_gguf_metadata_and_tensor_layout(model, f16_path):
+    gguf = pytest.importorskip("gguf")
+    reader = gguf.GGUFReader(str(f16_path))
+    cfg = model.config
+
+    def kv(key):
+        field = reader.get_field(key)
+        assert field is not None, f"missing GGUF key {key}"
+        return field.contents()
+
+    assert kv("general.architecture") == "qwen3moe"
+    expected = {"context_length": 256, "embedding_length": 64, "block_count": 2,
+                "attention.head_count": 4, "attention.head_count_kv": 2, "attention.key_length": 16,
+                "attention.value_length": 16, "expert_count": 8, "expert_used_count": 2,
+                "expert_feed_forward_length": 32, "vocab_size": 256}
+    for key, value in expected.items():
+        assert kv(f"qwen3moe.{key}") == value, key
+    assert kv("qwen3moe.rope.freq_base") == pytest.approx(cfg.rope_parameters["rope_theta"])
+    assert kv("qwen3moe.attention.layer_norm_rms_epsilon") == pytest.approx(cfg.rms_norm_eps)
+    assert kv("tokenizer.ggml.model") == "none"
+
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == 3 + 12 * cfg.num_hidden_layers
+    F16, F32 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
+    # GGML dimension order (innermost first): gate/up {K, N, E}, down {N, K, E}.
+    assert list(tensors["blk.1.ffn_gate_exps.weight"].shape) == [64, 32, 8]
+    assert list(tensors["blk.1.ffn_up_exps.weight"].shape) == [64, 32, 8]
+    assert list(tensors["blk.1.ffn_down_exps.weight"].shape) == [32, 64, 8]
+    assert list(tensors["blk.0.attn_k.weight"].shape) == [64, 32]
+    assert list(tensors["output.weight"].shape) == [64, 256]
+    for name, t in tensors.items():
+        f32 = name.endswith("_norm.weight") or "ffn_gate_inp" in name
+        assert t.tensor_type == (F32 if f32 else F16), name
+
+    # Data: gate is the first half of gate_up_proj, up the second (a swap would pass
+    # shape checks and still be wrong).
+    gate_up = model.model.layers[1].mlp.experts.gate_up_proj.detach()     # [E, 2N, K]
+    np.testing.assert_array_equal(tensors["blk.1.ffn_gate_exps.weight"].data, gate_up[:, :32].half().numpy())
+    np.testing.assert_array_equal(tensors["blk.1.ffn_up_exps.weight"].data, gate_up[:, 32:].half().numpy())
+    np.testing.assert_array_equal(tensors["blk.0.attn_q_norm.weight"].data,
+                                  model.model.layers[0].self_attn.q_norm.weight.detach().numpy())
+
+
+def test_tensor_bytes_count_f16_matrices_and_f32_norms(model, f16_path):
+    pytest.importorskip("gguf")
+    expected = 0
+    for name, p in model.named_parameters():
+        expected += p.numel() * (4 if p.ndim == 1 or name.endswith("mlp.gate.weight") else 2)
+    assert peer.gguf_tensor_bytes(f16_path) == expected
+
+
+def test_nan_weight_is_refused_and_leaves_no_file(tmp_path):
+    pytest.importorskip("gguf")
+    bad = tiny_model()
+    with torch.no_grad():
+        bad.model.layers[0].mlp.experts.down_proj[3, 5, 7] = float("nan")
+    with pytest.raises(ValueError, match="ffn_down_exps.*non-finite"):
+        peer.write_gguf(bad, tmp_path / "bad.gguf", progress=False)
+    assert not (tmp_path / "bad.gguf").exists()
