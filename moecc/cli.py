@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("demo", "explain", "autotune", "bench", "doctor", "export", "coverage")
+COMMAND_MODULES = ("demo", "eval", "explain", "autotune", "bench", "doctor", "export", "coverage")
 
 
 def build_parser() -> argparse.ArgumentParser:

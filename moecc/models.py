@@ -1,10 +1,17 @@
-"""Built-in MoE model configurations: small, download-free models for the demo and tests.
+"""Built-in MoE models: small, download-free models for the demo, eval and tests.
 
-Each entry is a transformers config family plus the few fields that make it tiny; the
-models get random weights. `load_config` also accepts a path to a transformers
-config.json, so every command that takes a model takes either.
+Two kinds:
+- random-weight configs (BUILTIN_MODELS): a transformers config family plus the few
+  fields that make it tiny;
+- trained models shipped in moecc/trained/<name>/ (TRAINED_MODELS): byte-level language
+  models trained on the Python standard library (moecc/training/, docs/models.md).
+
+`load_config` also accepts a path to a transformers config.json (or a folder holding
+one), so every command that takes a model takes either; `build_model` loads the trained
+weights for a trained name or a folder with model.safetensors, random weights otherwise.
 
     build_model("qwen3-moe-tiny", dtype=torch.bfloat16, experts_implementation="grouped_mm")
+    build_model("qwen3-moe-stdlib")   # trained, fp32
 """
 
 from __future__ import annotations
@@ -51,7 +58,31 @@ BUILTIN_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
                                          num_experts_per_tok=8, norm_topk_prob=True, vocab_size=2048,
                                          intermediate_size=2048)),
 }
-DEMO_MODEL = "qwen3-moe-demo"
+
+# Trained byte-level models shipped with moecc (see docs/models.md and each CARD.md).
+TRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trained")
+TRAINED_MODELS = ("qwen3-moe-stdlib", "qwen3-moe-stdlib-noaux", "deepseek-v3-stdlib")
+# Fixed held-out text (code/*.py, english/*.txt) that `moecc eval` reads by default.
+HELDOUT_DIR = os.path.join(TRAINED_DIR, "heldout")
+DEMO_MODEL = "qwen3-moe-stdlib"
+
+
+def model_names() -> list[str]:
+    return list(TRAINED_MODELS) + list(BUILTIN_MODELS)
+
+
+def trained_model_dir(name_or_path: str) -> str | None:
+    """The folder of a trained model (a built-in trained name, or a folder with weights), else None."""
+    if name_or_path in TRAINED_MODELS:
+        path = os.path.join(TRAINED_DIR, name_or_path)
+        if not os.path.isfile(os.path.join(path, "model.safetensors")):
+            raise FileNotFoundError(f"{path}/model.safetensors is missing: this moecc install lacks the trained "
+                                    f"weights; reinstall moecc, or retrain with python -m moecc.training.train "
+                                    f"{name_or_path} --out {path}")
+        return path
+    if os.path.isdir(name_or_path) and os.path.isfile(os.path.join(name_or_path, "model.safetensors")):
+        return name_or_path
+    return None
 
 
 def load_config(name_or_path: str):
@@ -61,11 +92,13 @@ def load_config(name_or_path: str):
     if name_or_path in BUILTIN_MODELS:
         model_type, overrides = BUILTIN_MODELS[name_or_path]
         return AutoConfig.for_model(model_type, **overrides)
+    if name_or_path in TRAINED_MODELS:
+        name_or_path = os.path.join(TRAINED_DIR, name_or_path)
     if os.path.isdir(name_or_path):
         name_or_path = os.path.join(name_or_path, "config.json")
     if not os.path.isfile(name_or_path):
         raise FileNotFoundError(
-            f"{name_or_path!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a config.json file"
+            f"{name_or_path!r} is neither a built-in model ({', '.join(model_names())}) nor a config.json file"
         )
     with open(name_or_path) as f:
         try:
@@ -79,10 +112,15 @@ def load_config(name_or_path: str):
 
 def build_model(name_or_path: str, *, dtype=None, experts_implementation: str = "grouped_mm",
                 seed: int = 0, device: str = "cpu", **overrides):
-    """A causal-LM with random weights (init std raised so routing is not degenerate)."""
+    """A causal-LM in eval mode: trained weights for a trained model (name or folder with
+    model.safetensors), else random weights (init std raised so routing is not degenerate)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    trained = trained_model_dir(name_or_path)
+    if trained is not None:
+        return load_trained(trained, dtype=dtype, experts_implementation=experts_implementation, device=device,
+                            **overrides)
     config = load_config(name_or_path)
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -122,3 +160,17 @@ def _first_attr(config, *names):
         if v:
             return v
     return None
+
+
+def load_trained(path: str, *, dtype=None, experts_implementation: str = "grouped_mm", device: str = "cpu",
+                 **overrides):
+    """A shipped (or retrained) byte-level model from its folder, in eval mode.
+
+    The weights are stored in fp32; `dtype` casts after loading (default fp32).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **overrides)
+    model.set_experts_implementation(experts_implementation)
+    return model.to(device).eval()
