@@ -23,6 +23,17 @@ Vocabulary: the file says `tokenizer.ggml.model = "none"` with `qwen3moe.vocab_s
 vocabulary llama.cpp loads as V placeholder tokens. Token ids go in and come out; there is
 no text, which is all a benchmark on random weights needs.
 
+AMX (found 2026-12-02 on this project's CPU machine, a Xeon with AMX, llama-cpp-python
+0.3.36 built from source with GGML_NATIVE): llama.cpp's AMX kernels die with SIGILL
+(`tilezero` in tinygemm_kernel_amx<block_q8_0>) on the first multi-token batch of a
+Q8_0 / K-quant model, while a standalone AMX program runs fine on the same machine: the
+tile configuration ggml loads is not valid when the tile op runs (llama.cpp PR #26954).
+F16 files never take that path. `decode_ms_per_step` refuses such a file on a build that
+reports AMX_INT8 unless `allow_amx=True`; a build without AMX runs them:
+    CMAKE_ARGS="-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
+      -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'" \
+      pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python
+
 Shapes: E = experts, N = expert width (moe_intermediate_size), K = hidden size,
 V = vocabulary. GGUF lists dimensions innermost first, the reverse of torch/numpy: a
 numpy array [E, N, K] is the GGML tensor ne = {K, N, E}.
@@ -231,9 +242,9 @@ def quantize_gguf(src, dst, qtype: str, *, threads: int = 0) -> Path:
     Q6_K, 1-D tensors and the router stay F32; rows whose width is not a multiple of the
     block size fall back to another type). threads: 0 = all hardware threads.
     """
-    llama_cpp = _import_llama_cpp()
     if qtype not in QUANT_TYPES:
         raise ValueError(f"qtype must be one of {sorted(QUANT_TYPES)}, got {qtype!r}")
+    llama_cpp = _import_llama_cpp()
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such GGUF (write it first with write_gguf)")
@@ -258,8 +269,35 @@ def gguf_tensor_bytes(path) -> int:
 
 # --------------------------------------------------------------------------- decoding
 
+# Weight types llama.cpp's CPU backend sends to its AMX kernels (ggml-cpu/amx/common.h).
+_AMX_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")
+_AMX_REBUILD = ("CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
+                "-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'\" "
+                "pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python")
 
-def decode_ms_per_step(path, prompt_ids: Sequence[int], new_tokens: int, threads: int) -> dict:
+
+def amx_tensor_types(path) -> set[str]:
+    """Names of the tensor types in a GGUF that llama.cpp would run on its AMX kernels."""
+    gguf = _import_gguf()
+    return {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors} & set(_AMX_TYPES)
+
+
+def _check_amx(llama_cpp, path) -> None:
+    """Refuse, with the fix, a file that would hit llama.cpp's crashing AMX kernels."""
+    if b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info():
+        return
+    types = amx_tensor_types(path)
+    if types:
+        raise LlamaCppUnavailable(
+            f"{Path(path).name} has {', '.join(sorted(types))} tensors and this llama.cpp build uses "
+            "AMX kernels for them, which crash the process with SIGILL (llama.cpp PR #26954). "
+            f"Reinstall llama-cpp-python without AMX: {_AMX_REBUILD}; or pass allow_amx=True "
+            "where the AMX kernels are known to work.")
+
+
+
+def decode_ms_per_step(path, prompt_ids: Sequence[int], new_tokens: int, threads: int, *,
+                       allow_amx: bool = False) -> dict:
     """Greedy decode in llama.cpp at batch 1; times every single-token step.
 
     The prompt is evaluated in one batch (its time is `prefill_ms`); then `new_tokens`
@@ -269,6 +307,9 @@ def decode_ms_per_step(path, prompt_ids: Sequence[int], new_tokens: int, threads
     Returns {"step_ms": [new_tokens floats], "tokens": [new_tokens ids] (the greedy
     continuation), "prompt_logits": float32 [V] logits at the prompt's last position,
     "prefill_ms": float, "threads": int}.
+
+    allow_amx: run a quantised file even on a build with AMX kernels (see the module
+    docstring: they crash this llama.cpp version on the machine it was tested on).
     """
     llama_cpp = _import_llama_cpp()
     prompt = [int(t) for t in prompt_ids]
@@ -276,6 +317,8 @@ def decode_ms_per_step(path, prompt_ids: Sequence[int], new_tokens: int, threads
         raise ValueError("prompt_ids is empty: give at least one token id")
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    if not allow_amx:
+        _check_amx(llama_cpp, path)
     llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads,
                           n_ctx=len(prompt) + new_tokens + 1, n_batch=max(len(prompt), 8),
                           logits_all=False, verbose=False)

@@ -71,6 +71,11 @@ def test_missing_packages_name_what_to_install(model, tmp_path, monkeypatch):
         peer.quantize_gguf(tmp_path / "x.gguf", tmp_path / "y.gguf", "Q8_0")
 
 
+def test_quantize_rejects_unknown_type(tmp_path):
+    with pytest.raises(ValueError, match="Q4_K_M"):
+        peer.quantize_gguf(tmp_path / "x.gguf", tmp_path / "y.gguf", "Q3_XYZ")
+
+
 @pytest.mark.parametrize("override, reason", [
     (dict(norm_topk_prob=False), "norm_topk_prob"),
     (dict(mlp_only_layers=[1]), "mlp_only_layers"),
@@ -144,3 +149,91 @@ def test_nan_weight_is_refused_and_leaves_no_file(tmp_path):
     with pytest.raises(ValueError, match="ffn_down_exps.*non-finite"):
         peer.write_gguf(bad, tmp_path / "bad.gguf", progress=False)
     assert not (tmp_path / "bad.gguf").exists()
+
+
+# --- llama.cpp itself (needs llama-cpp-python) ---------------------------------------
+
+
+def transformers_greedy(model, prompt: list[int], steps: int) -> tuple[np.ndarray, list[int]]:
+    """Last-position logits of the prompt [V] and `steps` greedy tokens, transformers eager
+    (whole sequence recomputed each step: no cache, nothing shared with llama.cpp)."""
+    ids = torch.tensor([prompt])
+    tokens, first = [], None
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(ids).logits[0, -1]                       # [V]
+            first = logits.numpy().copy() if first is None else first
+            tokens.append(int(logits.argmax()))
+            ids = torch.cat([ids, torch.tensor([[tokens[-1]]])], dim=1)
+    return first, tokens
+
+
+# llama.cpp's F16 matmuls round the activations to F16 too (unit roundoff u = 2^-11 ~ 4.9e-4)
+# and its KV cache is F16; accumulation is F32. Measured on seeds 0-2 (2026-12-02): max
+# |diff| / max |logit| = 3e-4 .. 9e-4, i.e. 1-2 u. The bound, 5e-3 (~10 u), leaves 5x room
+# for other builds' summation orders and is far below what a layout error does: swapping
+# gate and up gives 0.43, dropping the top-k renormalisation 0.39.
+F16_LOGIT_TOL = 5e-3
+
+
+def test_llama_cpp_f16_matches_transformers(model, f16_path):
+    pytest.importorskip("llama_cpp")
+    ref_logits, ref_tokens = transformers_greedy(model, PROMPT, NEW_TOKENS)
+    res = peer.decode_ms_per_step(f16_path, PROMPT, NEW_TOKENS, threads=1)
+
+    logits = res["prompt_logits"]
+    assert logits.shape == ref_logits.shape and logits.dtype == np.float32
+    assert np.isfinite(logits).all()
+    scale = float(np.abs(ref_logits).max())
+    err = float(np.abs(logits - ref_logits).max())
+    assert err <= F16_LOGIT_TOL * scale, f"max |llama.cpp - transformers| = {err:.3g}, logit scale {scale:.3g}"
+    assert res["tokens"] == ref_tokens
+    assert len(res["step_ms"]) == NEW_TOKENS and all(t > 0 for t in res["step_ms"])
+
+
+def amx_build() -> bool:
+    import llama_cpp
+
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
+@pytest.fixture(scope="module")
+def q8_path(f16_path):
+    pytest.importorskip("llama_cpp")
+    return peer.quantize_gguf(f16_path, f16_path.with_name("tiny-Q8_0.gguf"), "Q8_0", threads=1)
+
+
+def test_amx_build_refuses_quantized_file_with_the_fix(f16_path, q8_path, monkeypatch):
+    import llama_cpp
+
+    # Pretend the build reports AMX: a Q8_0 file is refused before llama.cpp loads it
+    # (its AMX kernels would kill the process), an F16 file still runs.
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: b"CPU : AVX2 = 1 | AMX_INT8 = 1 |")
+    assert peer.amx_tensor_types(q8_path) == {"Q8_0"}
+    assert peer.amx_tensor_types(f16_path) == set()
+    with pytest.raises(peer.LlamaCppUnavailable, match="-mno-amx-int8"):
+        peer.decode_ms_per_step(q8_path, PROMPT, 2, threads=1)
+    assert len(peer.decode_ms_per_step(f16_path, PROMPT, 2, threads=1)["tokens"]) == 2
+
+
+def test_quantized_files_are_smaller_and_stay_close(model, f16_path, q8_path, tmp_path):
+    if amx_build():
+        pytest.skip("this llama-cpp-python build has AMX kernels, which crash on quantised "
+                    "files (see bench/llamacpp_peer.py); reinstall it without AMX to run this")
+    f16 = peer.decode_ms_per_step(f16_path, PROMPT, 2, threads=1)["prompt_logits"]
+    f16_bytes = peer.gguf_tensor_bytes(f16_path)
+    # Relative RMS error of the prompt logits against F16. Q8_0 keeps ~8 bits per weight
+    # (block scale per 32), a few tenths of a percent per matmul; Q4_K_M keeps ~4.5 bits.
+    # On this tiny model many rows are not a multiple of 256, so llama.cpp falls back from
+    # K-quants to other types there; the bounds are loose by design: they catch a broken
+    # file (garbage or zero logits), not a precision regression.
+    for qtype, max_rel_rms in (("Q8_0", 0.05), ("Q4_K_M", 0.35)):
+        path = q8_path if qtype == "Q8_0" else peer.quantize_gguf(
+            f16_path, tmp_path / f"tiny-{qtype}.gguf", qtype, threads=1)
+        assert peer.gguf_tensor_bytes(path) < f16_bytes, qtype
+        logits = peer.decode_ms_per_step(path, PROMPT, 2, threads=1)["prompt_logits"]
+        assert np.isfinite(logits).all(), qtype
+        rel_rms = float(np.sqrt(np.mean((logits - f16) ** 2) / np.mean(f16 ** 2)))
+        assert rel_rms <= max_rel_rms, f"{qtype}: relative RMS error {rel_rms:.3g} against F16"
+
+
