@@ -39,7 +39,7 @@ def llvm_module(key: KernelKey):
 
     cfg = key.config
     E, N, K, KP = key.num_experts, key.n, key.k, key.top_k
-    BM, TN, TK, V = cfg.block_m, cfg.tile_n, cfg.tile_k, cfg.vec
+    BM, TN, TK, V, PF = cfg.block_m, cfg.tile_n, cfg.tile_k, cfg.vec, cfg.prefetch
     DT = key.dtype
     N_TILES, K_TILES = N // TN, K // TK
     assert N % TN == 0 and K % TK == 0 and N % V == 0 and K % V == 0, "config not fitted"
@@ -51,6 +51,13 @@ def llvm_module(key: KernelKey):
     ACC = "global"
 
     ops = ScalarOps(key)
+
+    def prefetch(buffer, *index):
+        # llvm.prefetch(address, read, keep in all cache levels, data cache); never faults,
+        # so prefetching past a row's end (the next row) is harmless.
+        return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(buffer[index]),
+                                  T.int32(0), T.int32(3), T.int32(1))
+
     f32, to_dt, act = ops.f32, ops.to_dt, ops.act
     gate_up_bias, down_bias = ops.gate_up_bias, ops.down_bias
 
@@ -81,6 +88,10 @@ def llvm_module(key: KernelKey):
                             acc_g[m, j, v] = T.float32(0)
                             acc_u[m, j, v] = T.float32(0)
                 for ko in range(K // V):
+                    if PF > 0:
+                        for j in T.unroll(TN):
+                            T.evaluate(prefetch(w, e, 0, nt * TN + j, ko * V + PF))
+                            T.evaluate(prefetch(w, e, 1, nt * TN + j, ko * V + PF))
                     for m in T.unroll(BM):
                         for j in T.unroll(TN):
                             for v in T.vectorized(V):
@@ -123,6 +134,9 @@ def llvm_module(key: KernelKey):
                         for v in T.vectorized(V):
                             acc[m, j, v] = T.float32(0)
                 for no in range(N // V):
+                    if PF > 0:
+                        for j in T.unroll(TK):
+                            T.evaluate(prefetch(w, e, kt * TK + j, no * V + PF))
                     for m in T.unroll(BM):
                         for j in T.unroll(TK):
                             for v in T.vectorized(V):

@@ -123,6 +123,13 @@ def test_config_fitting_keeps_accumulators_on_the_stack():
         TVMKernelConfig.from_dict({"block_m": 4, "warps": 2})
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_software_prefetch_keeps_results(dtype):
+    """Prefetching past a row's end (into the next row or past the stack) changes nothing."""
+    spec, w = make_layer(RouterSpec(8, 2), dtype=dtype)
+    run_and_check(spec, w, 7, config={**CFG, "block_m": 1, "prefetch": 48})
+
+
 def test_default_config_decode_uses_single_row_blocks():
     """Decode (far fewer rows than experts) must not pad every expert's one row to block_m 2."""
     from moecc.backends.tvm.config import default_config
