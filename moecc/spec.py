@@ -17,7 +17,7 @@ import functools
 import json
 from dataclasses import dataclass, field
 
-SCORINGS = ("softmax", "sigmoid", "topk_softmax")
+SCORINGS = ("softmax", "sigmoid", "topk_softmax", "sqrt_softplus")
 GROUP_SCORINGS = ("top2_sum", "max")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "swiglu_oai", "swiglu_softcap", "relu2")
 GATE_UP_LAYOUTS = ("concat", "interleaved", "separate")
@@ -37,6 +37,8 @@ class RouterSpec:
         "sigmoid"      sigmoid of each logit; selection uses sigmoid + correction bias,
                        the weights use the plain sigmoid (DeepSeek-V3).
         "topk_softmax" top-k of the raw logits, then softmax over those k (GPT-OSS).
+        "sqrt_softplus" sqrt(softplus(logit)) per expert, otherwise as "sigmoid"
+                       (DeepSeek-V4).
     n_group / topk_group: group-limited selection (DeepSeek): experts are split into
         n_group groups, each group scored (`group_scoring`), only the best topk_group
         groups stay eligible. n_group == 1 disables it.
@@ -239,6 +241,8 @@ def kernel_unsupported(spec: MoELayerSpec) -> list[str]:
     missing = []
     if spec.router.has_correction_bias and spec.router.scoring != "sigmoid":
         missing.append("correction bias with softmax scoring")
+    if spec.router.scoring == "sqrt_softplus":
+        missing.append("sqrt-softplus scoring")
     if spec.router.select_on_logits:
         missing.append("selection on raw logits")
     if spec.router.renormalize_min:

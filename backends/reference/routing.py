@@ -41,7 +41,12 @@ def route(
         top_logits, ids = torch.topk(logits, k, dim=-1)  # [T, k]
         weights = torch.softmax(top_logits, dim=-1)
     else:
-        scores = torch.softmax(logits, dim=-1) if spec.scoring == "softmax" else torch.sigmoid(logits)
+        if spec.scoring == "softmax":
+            scores = torch.softmax(logits, dim=-1)
+        elif spec.scoring == "sqrt_softplus":
+            scores = torch.sqrt(torch.nn.functional.softplus(logits))
+        else:
+            scores = torch.sigmoid(logits)
         choice = logits if spec.select_on_logits else scores
         if correction_bias is not None:
             choice = choice + correction_bias.float().reshape(-1)  # bias steers selection only

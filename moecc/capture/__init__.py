@@ -23,7 +23,12 @@ import torch.fx as fx
 
 from moecc.capture.graph_utils import example_value, scalar_inputs
 from moecc.capture.recognise import Decline, recognise
-from moecc.capture.regions import find_eager_experts_modules, find_moe_regions, find_unrouted_expert_modules
+from moecc.capture.regions import (
+    find_eager_experts_modules,
+    find_moe_regions,
+    find_unrouted_expert_modules,
+    without_trailing_submodule,
+)
 from moecc.capture.report import CapturedLayer, GraphReport, SkippedRegion
 from moecc.capture.verify import CannotVerify, verify
 from moecc.options import CompileOptions
@@ -71,8 +76,17 @@ def capture_moe_layers(gm: fx.GraphModule, example_inputs: Sequence[Any], option
         try:
             rec = recognise(region, scalars)
         except Decline as exc:
-            report.skipped.append(SkippedRegion(region.path, region.module_class, str(exc)))
-            continue
+            # A block that post-processes its result in a child module (a norm): capture
+            # the MoE before it and leave the tail in the graph.
+            trimmed = without_trailing_submodule(region)
+            try:
+                if trimmed is None:
+                    raise exc
+                rec = recognise(trimmed, scalars)
+                region = trimmed
+            except Decline:
+                report.skipped.append(SkippedRegion(region.path, region.module_class, str(exc)))
+                continue
         spec, mismatch, verified = rec.candidates[0], None, False
         if options.verify_capture:
             try:

@@ -232,7 +232,7 @@ def _router_spec(router_nodes: list[fx.Node], weights: dict[str, fx.Node],
     """Router variant from the ops outside the experts.
 
     - top_k: k of the last topk; scoring: softmax after that topk -> "topk_softmax",
-      softmax before -> "softmax", sigmoid -> "sigmoid".
+      softmax before -> "softmax", sigmoid -> "sigmoid", softplus + sqrt -> "sqrt_softplus".
     - group-limited: a topk over a [T, G] tensor gives topk_group; G is its last dim;
       a topk over [T, G, E/G] means groups are scored by the sum of their top-2,
       an amax/max over it means by their maximum.
@@ -255,6 +255,8 @@ def _router_spec(router_nodes: list[fx.Node], weights: dict[str, fx.Node],
         scoring = "softmax"
     elif any(is_call(n, "sigmoid") for n in router_nodes):
         scoring = "sigmoid"
+    elif any(is_call(n, "softplus") for n in router_nodes) and any(is_call(n, "sqrt") for n in router_nodes):
+        scoring = "sqrt_softplus"
     else:
         raise Decline("router scores are neither softmax nor sigmoid "
                       f"(router ops: {sorted({call_name(n) for n in router_nodes} - {''})[:14]})")

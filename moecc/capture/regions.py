@@ -69,6 +69,28 @@ def find_moe_regions(graph: fx.Graph) -> list[Region]:
     return regions
 
 
+def without_trailing_submodule(region: Region) -> Region | None:
+    """The region without a child module that runs last on the combined output (AXK1's
+    `post_mlp_layernorm`), or None when there is no such tail.
+
+    The tail stays in the graph after the moecc op, so capture can take the MoE part of a
+    block that normalises its own output; verification then checks the shorter region.
+    """
+    last = region.nodes[-1]
+    inner = [_clean_path(str(p)) for p, _ in _stack(last).values()]
+    child = next((p for p in inner if p.startswith(region.path + ".")), None)
+    if child is None:
+        return None
+    cut = len(region.nodes)
+    while cut > 0 and any(_clean_path(str(p)) == child for p, _ in _stack(region.nodes[cut - 1]).values()):
+        cut -= 1
+    tail = region.nodes[cut:]
+    if not tail or cut == 0 or any(is_call(n, "topk") or any(_is_stacked_weight(a) for a in n.all_input_nodes)
+                                   for n in tail):
+        return None
+    return Region(region.key, region.path, region.module_class, region.nodes[:cut])
+
+
 def find_unrouted_expert_modules(graph: fx.Graph, regions: list[Region]) -> list[tuple[str, str, str]]:
     """Modules that read stacked expert weights outside every region: their experts are
     used but no torch.topk selects them (e.g. PhiMoE's sparsemixer picks with max/argmax
@@ -81,6 +103,9 @@ def find_unrouted_expert_modules(graph: fx.Graph, regions: list[Region]) -> list
             continue
         paths = [(_clean_path(str(p)), getattr(c, "__name__", str(c))) for p, c in _stack(n).values()]
         if not paths or any(p == r or p.startswith(r + ".") for p, _ in paths for r in covered):
+            continue
+        # only an experts module (by attribute or class name): other 3-D weights (convs) are not experts
+        if not (paths[-1][0].endswith(".experts") or paths[-1][1].endswith("Experts")):
             continue
         parent = paths[-2] if len(paths) > 1 else paths[-1]
         blocks.setdefault(parent[0], (parent[1], set()))

@@ -10,6 +10,8 @@ names the variant.
     inkling2      softcapped SwiGLU experts (tanh caps on gate and up)
     minimax_m3_vl shared MLP with one fused gate/up Linear, narrower than the experts
     nemotron_h    non-gated ReLU^2 experts and shared MLP
+    axk1          a norm on the block's output (left in the graph after the moecc op)
+    deepseek_v4   sqrt(softplus) scores; its hash-routed layers are declined with a reason
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ CASES = {
     "inkling2": lambda s: s.experts.activation == "swiglu_softcap" and s.experts.gate_softcap > 0,
     "minimax_m3_vl": lambda s: s.experts.shared_gate_up_fused and s.experts.shared_intermediate_size == 32,
     "nemotron_h": lambda s: not s.experts.gated and s.experts.activation == "relu2" and s.experts.num_shared == 1,
+    "axk1": lambda s: s.router.n_group == 4 and s.experts.num_shared == 1,
 }
 
 
@@ -51,6 +54,17 @@ def test_variant_captured_and_matches_eager(arch, quiet):
     assert report.skipped == []
     for layer in report.captured:
         assert layer.verified and CASES[arch](layer.spec), layer.spec.describe()
+
+
+def test_sqrt_softplus_router_captured_hash_router_declined(quiet):
+    model, _ = build_tiny_model("deepseek_v4")
+    model.set_experts_implementation("grouped_mm")
+    compiled, report = compile_with_report(model)
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_logits_close(compiled(ids).logits, model(ids).logits)
+    assert [c.spec.router.scoring for c in report.captured] == ["sqrt_softplus"]
+    assert len(report.skipped) == 1 and "no torch.topk selects the experts" in report.skipped[0].reason
 
 
 def test_gated_shared_layers_stay_on_reference_when_kernels_lack_them(quiet):
