@@ -163,7 +163,7 @@ def evaluate(model, options: dict | None = None, data: str | None = None, *, max
     max_bytes caps each domain; batch windows per forward; seq_len defaults to the model's
     max_position_embeddings (at most 256). The model runs in its loaded dtype.
     """
-    from tqdm import tqdm
+    from rich.progress import track
 
     import moecc
     from moecc.models import HELDOUT_DIR, build_model
@@ -189,7 +189,7 @@ def evaluate(model, options: dict | None = None, data: str | None = None, *, max
     jobs = [(dom, w[i: i + batch]) for dom, w in windows.items() for i in range(0, len(w), batch)]
     try:
         with torch.no_grad():
-            for dom, ids in tqdm(jobs, desc=f"eval {model_name}", disable=not progress, unit="batch"):
+            for dom, ids in track(jobs, description=f"eval {model_name}", disable=not progress):
                 n = ids.shape[0]
                 if n < batch and windows[dom].shape[0] >= batch:
                     # Pad a short last batch with earlier windows (results dropped): one input

@@ -19,6 +19,7 @@ import ast
 import hashlib
 import os
 import sysconfig
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,7 +61,9 @@ def _source_files(root: str) -> list[str]:
 
 def _docstrings(source: str) -> list[str]:
     try:
-        tree = ast.parse(source)
+        with warnings.catch_warnings():  # e.g. invalid escape sequences in old modules: not our concern
+            warnings.simplefilter("ignore")
+            tree = ast.parse(source)
     except (SyntaxError, ValueError):  # a stdlib file newer than this parser: skip its docstrings
         return []
     nodes = [tree] + [n for n in ast.walk(tree)

@@ -1,7 +1,9 @@
 """The shipped models' configurations and training hyperparameters, one recipe per model.
 
-Sized for 2 CPU cores (about 10-15 minutes each) and a few MB each: byte vocabulary
-(256), hidden 128, 3 layers, 16 routed experts of width 64, top-2, sequences of 256 bytes.
+Sized for a shared 2-core CPU and a few MB each: byte vocabulary (256), hidden 128,
+3 layers, 16 routed experts of width 64, top-2, sequences of 256 bytes. The step counts
+are what the CPU time of the 2026-12-02 run allowed (one step of 16 x 256 bytes is about
+0.4 s (Qwen3) / 0.6 s (DeepSeek) of one core); each CARD.md gives the time it took.
 
 - qwen3-moe-stdlib: Qwen3-MoE (softmax top-k renormalised, GQA), trained with
   transformers' load-balancing loss.
@@ -48,11 +50,11 @@ class Recipe:
     name: str
     model_type: str
     config: dict[str, Any]
-    steps: int = 1800
+    steps: int = 700
     batch: int = 16
     seq_len: int = 256
     lr: float = 3e-3
-    warmup: int = 100
+    warmup: int = 50
     weight_decay: float = 0.01
     code_share: float = 0.75          # fraction of each batch drawn from code, the rest English
     aux_loss_coef: float = 0.0        # transformers' load-balancing loss (Qwen3-MoE only)
@@ -65,9 +67,9 @@ RECIPES: dict[str, Recipe] = {
     r.name: r for r in (
         Recipe("qwen3-moe-stdlib", "qwen3_moe", _QWEN3, aux_loss_coef=0.01,
                notes=["load-balancing loss (router_aux_loss_coef 0.01)"]),
-        Recipe("qwen3-moe-stdlib-noaux", "qwen3_moe", _QWEN3, aux_loss_coef=0.0, seed=1,
+        Recipe("qwen3-moe-stdlib-noaux", "qwen3_moe", _QWEN3, aux_loss_coef=0.0, seed=1, steps=500,
                notes=["no load-balancing loss: some experts go cold"]),
-        Recipe("deepseek-v3-stdlib", "deepseek_v3", _DEEPSEEK, bias_update_speed=1e-3, steps=1400,
+        Recipe("deepseek-v3-stdlib", "deepseek_v3", _DEEPSEEK, bias_update_speed=1e-3, steps=400,
                notes=["auxiliary-loss-free balancing: correction bias += 1e-3 * sign(mean load - load) per step"]),
     )
 }

@@ -70,7 +70,7 @@ class _CorrectionBiasBalancer:
 def train(recipe: Recipe, out_dir: str, *, steps: int | None = None, threads: int = 1,
           experts_implementation: str = "grouped_mm", log_every: int = 50, progress: bool = True) -> dict:
     """Train `recipe` for `steps` (default: the recipe's), save the model, return the log."""
-    from tqdm import tqdm
+    from rich.progress import track
 
     steps = recipe.steps if steps is None else steps
     if steps < 1:
@@ -88,8 +88,7 @@ def train(recipe: Recipe, out_dir: str, *, steps: int | None = None, threads: in
                              {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
     losses, aux_losses = [], []
     t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc=recipe.name, disable=not progress, mininterval=5)
-    for step in bar:
+    for step in track(range(steps), description=recipe.name, disable=not progress):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, recipe, steps)
         batch = sampler.next()  # [B, S+1]
@@ -108,12 +107,10 @@ def train(recipe: Recipe, out_dir: str, *, steps: int | None = None, threads: in
         opt.step()
         if balancer:
             balancer.update()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
             recent = losses[-log_every:]
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
-            if not progress:
-                print(f"{recipe.name} step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f}", flush=True)
+            print(f"{recipe.name} step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f}", flush=True)
     train_s = time.perf_counter() - t0
     tail = losses[-log_every:]
     log = {
@@ -168,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     # implementation on CPU (0.37 s/step vs 5.3 batched_mm, 16x256 bytes, 2026-12-02).
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--experts-implementation", default="grouped_mm", choices=["eager", "grouped_mm", "batched_mm"])
-    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
     args = p.parse_args(argv)
     log = train(get_recipe(args.model), args.out, steps=args.steps, threads=args.threads,
                 experts_implementation=args.experts_implementation, progress=not args.no_progress)
