@@ -142,7 +142,7 @@ def shrink(config, layers: int = TINY_LAYERS) -> None:
                 tiny = min(tiny, values[name])
             _set(config, name, tiny if values[name] > 0 else 0)
     old_rope, old_head = values.get("qk_rope_head_dim"), values.get("head_dim")
-    if isinstance(old_rope, int) and isinstance(old_head, int) and old_head % old_rope == 0:
+    if isinstance(old_rope, int) and isinstance(old_head, int) and old_rope > 0 and old_head % old_rope == 0:
         # MLA: head_dim is the rotary part (DeepSeek) or a multiple set by a partial rotary factor
         _set(config, "head_dim", config.qk_rope_head_dim * (old_head // old_rope))
     for name, tiny in _TINY_FIELDS.items():  # per-modality sizes (ERNIE-VL: [text, vision] experts)

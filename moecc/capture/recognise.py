@@ -236,7 +236,8 @@ def _router_spec(router_nodes: list[fx.Node], weights: dict[str, fx.Node],
     - group-limited: a topk over a [T, G] tensor gives topk_group; G is its last dim;
       a topk over [T, G, E/G] means groups are scored by the sum of their top-2,
       an amax/max over it means by their maximum.
-    - renormalise: a division after the last topk; an add of a constant to the sum is eps.
+    - renormalise: a division by a tensor after the last topk; an add of a constant to the
+      sum is eps, a clamp of it the floor; a division by a constant is a scale.
     - routed scaling factor: a multiplication by a constant after the last topk.
     - logits in fp32: the router matmul's result is fp32 while the hidden states are not.
     """
@@ -277,16 +278,20 @@ def _router_spec(router_nodes: list[fx.Node], weights: dict[str, fx.Node],
             continue
         name = call_name(n)
         if name in ("truediv", "itruediv", "div", "div_", "__truediv__", "__itruediv__"):
-            renormalize = True
             denominator = n.args[1] if len(n.args) > 1 else None
+            constant = constant_value(denominator, scalars)
+            if constant is not None:  # weights / top_k (OpenAI privacy filter): a scale, not a renormalisation
+                scale /= constant
+                continue
+            renormalize = True
             if isinstance(denominator, fx.Node) and call_name(denominator) in ("add", "iadd", "__add__"):
                 eps = float_constant(denominator, scalars) or 0.0
             elif isinstance(denominator, fx.Node) and call_name(denominator) in ("clamp", "clamp_min", "clip"):
                 floor = constant_value(arg(denominator, 1, "min"), scalars) or 0.0
         elif name in ("mul", "imul", "__mul__", "mul_"):
             c = float_constant(n, scalars)
-            if c is not None and c != 1.0:
-                scale = c
+            if c is not None:
+                scale *= c
     linear = next((n for n in router_nodes if is_call(n, "linear", "matmul", "mm")
                    and weights["router_weight"] in n.all_input_nodes), None)
     hidden_fp32 = any(example_value(w).dtype == torch.float32 for w in [weights["router_weight"]])
