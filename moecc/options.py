@@ -37,6 +37,8 @@ class CompileOptions:
         stack) contains an original parameter unchanged, rebind that parameter to a view of
         the derived tensor so the two share memory. The model keeps working; its parameter
         now aliases moecc's tensor. Off by default because it changes parameter storage.
+    decode_gemv: on the CPU, run one-row bfloat16 linear layers (batch-1 decode) as
+        matrix-vector products (passes/decode_gemv.py); False keeps torch's GEMM path.
     mode: torch.compile's mode. torch.compile refuses `mode=` together with `options=`,
         so the mode may also be given as options={"mode": "reduce-overhead", ...}.
     report: a moecc.CompileReport the caller owns; every compiled graph appends what
@@ -49,6 +51,7 @@ class CompileOptions:
     verify_capture: bool = True
     dump_graphs: Optional[str] = None
     release_original_weights: bool = False
+    decode_gemv: bool = True
     report: Optional[Any] = field(default=None, compare=False)  # a moecc.CompileReport to fill
     mode: Optional[str] = None
 
@@ -56,7 +59,7 @@ class CompileOptions:
         _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _choice("rest_of_graph", self.rest_of_graph, GRAPH_BACKENDS)
         _choice("mode", self.mode, MODES)
-        for name in ("fuse_shared_experts", "verify_capture", "release_original_weights"):
+        for name in ("fuse_shared_experts", "verify_capture", "release_original_weights", "decode_gemv"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"moecc option {name!r} must be True or False, got {getattr(self, name)!r}")
         from moecc.capture.report import CompileReport

@@ -2,6 +2,7 @@
 
 1. expert_fusion   canonical layouts + shared experts folded (kernels need it)
 2. lower_kernels   bind layers to Triton / TVM / reference ops (needs canonical layouts)
+3. decode_gemv     CPU batch-1 decode: one-row bf16 linears as torch.mv (after capture)
 """
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ from __future__ import annotations
 import os
 
 from moecc.capture.report import PassResult
-from moecc.passes import expert_fusion, lower_kernels
+from moecc.passes import decode_gemv, expert_fusion, lower_kernels
 from moecc.passes.context import PassContext
 
-PIPELINE = (expert_fusion, lower_kernels)
+PIPELINE = (expert_fusion, lower_kernels, decode_gemv)
 
 
 def run_pipeline(ctx: PassContext, graph_index: int = 0) -> list[PassResult]:
