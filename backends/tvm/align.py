@@ -59,6 +59,18 @@ def align_tokens_by_expert(
     """Sort assignments by expert into blocks of `block_m` rows (stable: token order kept)."""
     t, kp = topk_ids.shape
     dev = topk_ids.device
+    if t == 1 and dev.type == "cpu":
+        one = _align_one_token(topk_weights, topk_ids, block_m)
+        if one is not None:
+            return one
+    return _align_general(topk_weights, topk_ids, num_experts, block_m)
+
+
+def _align_general(topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+                   block_m: int) -> AlignedRows:
+    """Any token count (see align_tokens_by_expert for the arguments)."""
+    t, kp = topk_ids.shape
+    dev = topk_ids.device
     flat_ids = topk_ids.reshape(-1)  # [A]
     flat_w = topk_weights.reshape(-1).float()  # [A]
     counts = torch.bincount(flat_ids, minlength=num_experts)  # [E']
@@ -89,4 +101,33 @@ def align_tokens_by_expert(
         block_ptr=block_ptr.to(torch.int32),
         rows=rows.view(t, kp).to(torch.int32),
         num_blocks=num_blocks,
+    )
+
+
+def _align_one_token(
+    topk_weights: torch.Tensor,  # [1, k'] fp32
+    topk_ids: torch.Tensor,  # [1, k'] int64
+    block_m: int,  # BM
+) -> AlignedRows | None:
+    """The same rows for one token (batch-1 decode) in 6 small ops instead of ~25.
+
+    With one token its k' experts are distinct, so each gets exactly one block whose first
+    row is the token. Returns None when the ids repeat (then the general path handles it).
+    Reading the check back costs nothing on the CPU, the only device this path serves.
+    """
+    kp = topk_ids.shape[1]
+    experts, slot = torch.sort(topk_ids[0])  # [k'] ascending experts, the slot each came from
+    if kp > 1 and not bool((experts[1:] != experts[:-1]).all()):
+        return None
+    row_weight = torch.zeros(kp, block_m, dtype=torch.float32)
+    row_weight[:, 0] = topk_weights[0, slot].float()
+    rows = torch.empty(kp, dtype=torch.int32)
+    rows[slot] = torch.arange(0, kp * block_m, block_m, dtype=torch.int32)  # block b starts at row b * BM
+    return AlignedRows(
+        tok=torch.zeros(kp, block_m, dtype=torch.int32),
+        row_weight=row_weight,
+        experts=experts.to(torch.int32),
+        block_ptr=torch.arange(kp + 1, dtype=torch.int32),
+        rows=rows.view(1, kp),
+        num_blocks=kp,
     )
