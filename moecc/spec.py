@@ -17,7 +17,7 @@ import functools
 import json
 from dataclasses import dataclass, field
 
-SCORINGS = ("softmax", "sigmoid", "topk_softmax", "sqrt_softplus")
+SCORINGS = ("softmax", "sigmoid", "topk_softmax", "sqrt_softplus", "sparsemixer")
 GROUP_SCORINGS = ("top2_sum", "max")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "swiglu_oai", "swiglu_softcap", "relu2")
 GATE_UP_LAYOUTS = ("concat", "interleaved", "separate")
@@ -39,6 +39,9 @@ class RouterSpec:
         "topk_softmax" top-k of the raw logits, then softmax over those k (GPT-OSS).
         "sqrt_softplus" sqrt(softplus(logit)) per expert, otherwise as "sigmoid"
                        (DeepSeek-V4).
+        "sparsemixer"  PhiMoE at inference, top-2 only: expert 1 is the argmax; its weight
+                       is its softmax probability among the logits within a relative
+                       2*sparsemixer_eps of the max; expert 2 likewise among the rest.
     n_group / topk_group: group-limited selection (DeepSeek): experts are split into
         n_group groups, each group scored (`group_scoring`), only the best topk_group
         groups stay eligible. n_group == 1 disables it.
@@ -68,6 +71,7 @@ class RouterSpec:
     routed_scaling_factor: float = 1.0
     logits_in_fp32: bool = False
     select_on_logits: bool = False
+    sparsemixer_eps: float = 0.0
 
     def validate(self) -> None:
         if self.scoring not in SCORINGS:
@@ -82,8 +86,10 @@ class RouterSpec:
             raise SpecError(f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
         if self.n_group > 1 and self.top_k > self.topk_group * (self.num_experts // self.n_group):
             raise SpecError("top_k exceeds the experts left eligible by group-limited routing")
-        if self.has_correction_bias and self.scoring == "topk_softmax":
-            raise SpecError("a score-correction bias is not defined for topk_softmax scoring")
+        if self.scoring == "sparsemixer" and (self.top_k != 2 or self.n_group != 1 or self.renormalize):
+            raise SpecError("sparsemixer routing is defined for top_k=2 without groups or renormalisation")
+        if self.has_correction_bias and self.scoring in ("topk_softmax", "sparsemixer"):
+            raise SpecError(f"a score-correction bias is not defined for {self.scoring} scoring")
 
 
 @dataclass(frozen=True)
@@ -241,8 +247,8 @@ def kernel_unsupported(spec: MoELayerSpec) -> list[str]:
     missing = []
     if spec.router.has_correction_bias and spec.router.scoring != "sigmoid":
         missing.append("correction bias with softmax scoring")
-    if spec.router.scoring == "sqrt_softplus":
-        missing.append("sqrt-softplus scoring")
+    if spec.router.scoring in ("sqrt_softplus", "sparsemixer"):
+        missing.append(f"{spec.router.scoring} scoring")
     if spec.router.select_on_logits:
         missing.append("selection on raw logits")
     if spec.router.renormalize_min:

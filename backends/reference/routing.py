@@ -37,7 +37,9 @@ def route(
     """Select experts. Returns (weights [T, k] fp32, expert ids [T, k] int64)."""
     logits = logits.float()
     k = spec.top_k
-    if spec.scoring == "topk_softmax":
+    if spec.scoring == "sparsemixer":
+        weights, ids = _sparsemixer(logits, spec.sparsemixer_eps)
+    elif spec.scoring == "topk_softmax":
         top_logits, ids = torch.topk(logits, k, dim=-1)  # [T, k]
         weights = torch.softmax(top_logits, dim=-1)
     else:
@@ -62,6 +64,23 @@ def route(
     if spec.routed_scaling_factor != 1.0:
         weights = weights * spec.routed_scaling_factor
     return weights, ids
+
+
+def _sparsemixer(logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's sparsemixer at inference (top-2): each pick is the argmax of the logits not
+    yet picked; its weight is its softmax among the logits within a relative 2*eps of that
+    max (|logit| clamped below by the max is the scale)."""
+    picked_ids, picked_weights = [], []
+    remaining = logits  # [T, E]
+    for _ in range(2):
+        top, idx = remaining.max(dim=-1, keepdim=True)  # [T, 1] x2
+        scale = logits.abs().clamp(min=top)  # [T, E]
+        far = (top - logits) / scale > 2 * eps  # [T, E]: outside the jitter band
+        gates = torch.softmax(remaining.masked_fill(far, float("-inf")), dim=-1)  # [T, E]
+        picked_ids.append(idx)
+        picked_weights.append(gates.gather(-1, idx))
+        remaining = remaining.scatter(-1, idx, float("-inf"))
+    return torch.cat(picked_weights, dim=-1), torch.cat(picked_ids, dim=-1)
 
 
 def _mask_to_best_groups(choice: torch.Tensor, spec: RouterSpec) -> torch.Tensor:

@@ -244,7 +244,7 @@ def _router_spec(router_nodes: list[fx.Node], weights: dict[str, fx.Node],
     in_router = set(router_nodes)
     topks = [n for n in router_nodes if is_call(n, "topk")]
     if not topks:
-        raise Decline("no top-k expert selection found")
+        return _sparsemixer_router(router_nodes, weights, scalars)
     final = topks[-1]
     e = int(example_value(weights["router_weight"]).shape[0])
     top_k = int(arg(final, 1, "k"))
@@ -303,6 +303,22 @@ def _router_spec(router_nodes: list[fx.Node], weights: dict[str, fx.Node],
         renormalize_min=floor, routed_scaling_factor=scale, logits_in_fp32=logits_fp32,
         select_on_logits=select_on_logits,
     )
+
+
+def _sparsemixer_router(router_nodes: list[fx.Node], weights: dict[str, fx.Node],
+                        scalars: dict[fx.Node, float] | None) -> RouterSpec:
+    """PhiMoE's sparsemixer: two rounds of max, a relative-distance test `> 2*eps`, a
+    masked softmax and a scatter of -inf over the first pick. Verification checks the rest."""
+    names = [call_name(n) for n in router_nodes]
+    maxes = [n for n in router_nodes if is_call(n, "max") and (len(n.args) > 1 or "dim" in n.kwargs)]
+    tests = [float_constant(n, scalars) for n in router_nodes if is_call(n, "gt", "__gt__")]
+    if len(maxes) != 2 or "masked_fill" not in names or "scatter" not in names or "softmax" not in names \
+            or not tests or None in tests or len(set(tests)) != 1:
+        raise Decline("no top-k expert selection found, and the router is not a sparsemixer "
+                      f"(router ops: {sorted(set(names) - {''})[:16]})")
+    e = int(example_value(weights["router_weight"]).shape[0])
+    return RouterSpec(num_experts=e, top_k=2, scoring="sparsemixer", sparsemixer_eps=tests[0] / 2,
+                      has_router_bias="router_bias" in weights)
 
 
 def _routed_output_scale(region: Region, expert_nodes: set[fx.Node], shared_nodes: set[fx.Node],

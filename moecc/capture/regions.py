@@ -1,7 +1,7 @@
 """Find candidate MoE regions in a Dynamo graph.
 
 A region is every node that ran inside one module instance (FX `nn_module_stack`) that
-(a) selects experts with top-k and (b) reads a stacked expert weight (a 3-D parameter
+(a) selects experts with top-k (or with max + masked_fill: PhiMoE's sparsemixer) and (b) reads a stacked expert weight (a 3-D parameter
 [E, ., .]). Among nested candidates the innermost wins, so a decoder layer containing an
 MoE block yields the block. This covers transformers' SparseMoeBlock/MoE/MLP classes and
 hand-written gpt-fast-style modules alike, without a list of class names.
@@ -45,6 +45,8 @@ def find_moe_regions(graph: fx.Graph) -> list[Region]:
     paths: dict[str, tuple[str, str]] = {}
     with_topk: set[str] = set()
     with_experts: set[str] = set()
+    with_max: set[str] = set()  # sparsemixer (PhiMoE) selects with max + masked_fill instead of topk
+    with_masked_fill: set[str] = set()
     for n in graph.nodes:
         if n.op == "placeholder":
             continue
@@ -53,9 +55,13 @@ def find_moe_regions(graph: fx.Graph) -> list[Region]:
             paths[key] = (_clean_path(str(raw_path)), getattr(cls, "__name__", str(cls)))
         if is_call(n, "topk"):
             with_topk.update(stack)
+        if is_call(n, "max") and (len(n.args) > 1 or "dim" in n.kwargs):
+            with_max.update(stack)
+        if is_call(n, "masked_fill"):
+            with_masked_fill.update(stack)
         if any(_is_stacked_weight(a) for a in n.all_input_nodes):
             with_experts.update(stack)
-    candidates = with_topk & with_experts
+    candidates = (with_topk | (with_max & with_masked_fill)) & with_experts
     innermost = [
         k for k in candidates
         if not any(o != k and paths[o][0].startswith(paths[k][0] + ".") for o in candidates)

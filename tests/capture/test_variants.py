@@ -10,6 +10,7 @@ names the variant.
     inkling2      softcapped SwiGLU experts (tanh caps on gate and up)
     minimax_m3_vl shared MLP with one fused gate/up Linear, narrower than the experts
     nemotron_h    non-gated ReLU^2 experts and shared MLP
+    phimoe        sparsemixer routing (max + masked softmax, no topk)
     axk1          a norm on the block's output (left in the graph after the moecc op)
     deepseek_v4   sqrt(softplus) scores; its hash-routed layers are declined with a reason
 """
@@ -32,6 +33,7 @@ CASES = {
     "inkling2": lambda s: s.experts.activation == "swiglu_softcap" and s.experts.gate_softcap > 0,
     "minimax_m3_vl": lambda s: s.experts.shared_gate_up_fused and s.experts.shared_intermediate_size == 32,
     "nemotron_h": lambda s: not s.experts.gated and s.experts.activation == "relu2" and s.experts.num_shared == 1,
+    "phimoe": lambda s: s.router.scoring == "sparsemixer" and s.router.sparsemixer_eps > 0,
     "axk1": lambda s: s.router.n_group == 4 and s.experts.num_shared == 1,
 }
 
