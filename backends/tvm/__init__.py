@@ -19,6 +19,7 @@ Modules, one concept each:
     align.py         torch routing split: sorting tokens into per-expert blocks
     op.py            moe_layer
     runtime.py       availability, target selection, thread pool
+    openmp_pool.py   llvm kernels' parallel loops on torch's OpenMP threads
     runtime_libs.py  loading libtvm_runtime(+_cuda) without the TVM compiler
     export.py        ahead-of-time export and runtime-only loading
 See docs/backends.md for the design, the torch/TVM split and measured CPU times.
