@@ -23,16 +23,19 @@ Vocabulary: the file says `tokenizer.ggml.model = "none"` with `qwen3moe.vocab_s
 vocabulary llama.cpp loads as V placeholder tokens. Token ids go in and come out; there is
 no text, which is all a benchmark on random weights needs.
 
-AMX (found 2026-12-02 on this project's CPU machine, a Xeon with AMX, llama-cpp-python
-0.3.36 built from source with GGML_NATIVE): llama.cpp's AMX kernels die with SIGILL
-(`tilezero` in tinygemm_kernel_amx<block_q8_0>) on the first multi-token batch of a
-Q8_0 / K-quant model, while a standalone AMX program runs fine on the same machine: the
-tile configuration ggml loads is not valid when the tile op runs (llama.cpp PR #26954).
-F16 files never take that path. `decode_ms_per_step` refuses such a file on a build that
-reports AMX_INT8 unless `allow_amx=True`; a build without AMX runs them:
+AMX (found 2026-12-02 on this project's CPU machine, a 2-core Xeon VM with AMX, with
+llama-cpp-python 0.3.36 built from source, GGML_NATIVE, gcc 12): llama.cpp's AMX kernels
+die with SIGILL (`tilezero` in tinygemm_kernel_amx<block_q8_0>) on the first multi-token
+batch of a Q8_0 model, with or without torch imported, while a standalone C program
+doing ldtilecfg + tilezero runs fine on the same machine. This matches llama.cpp PR
+#26954 (tile configuration / per-thread AMX permission). F16 files never take that path.
+`decode_ms_per_step` refuses a file with AMX-kernel tensor types on a build reporting
+AMX_INT8 unless `allow_amx=True`. A build without AMX runs them; checked by rebuilding
+libggml-cpu alone with these flags (the pip command below passes the same flags to the
+whole build; it was not run here):
     CMAKE_ARGS="-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
       -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'" \
-      pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python
+      pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36
 
 Shapes: E = experts, N = expert width (moe_intermediate_size), K = hidden size,
 V = vocabulary. GGUF lists dimensions innermost first, the reverse of torch/numpy: a
@@ -56,7 +59,8 @@ WRITE_DTYPES = {"f16": np.float16, "f32": np.float32}
 
 
 class LlamaCppUnavailable(RuntimeError):
-    """llama-cpp-python or gguf is not installed; the message says what to pip install."""
+    """llama-cpp-python or gguf is missing, or the installed llama.cpp build cannot run the
+    file (AMX, see above); the message says what to install."""
 
 
 def _import_gguf():
@@ -235,12 +239,15 @@ def write_gguf(model, path, *, dtype: str = "f16", progress: bool = True) -> Pat
 # ------------------------------------------------------------------------- quantising
 
 
-def quantize_gguf(src, dst, qtype: str, *, threads: int = 0) -> Path:
+def quantize_gguf(src, dst, qtype: str, *, threads: int = 0, progress: bool = True) -> Path:
     """Quantise a GGUF with llama.cpp's own `llama_model_quantize` (what `llama-quantize` runs).
 
     qtype: "Q8_0" or "Q4_K_M". llama.cpp decides per tensor (Q4_K_M keeps some tensors at
     Q6_K, 1-D tensors and the router stay F32; rows whose width is not a multiple of the
-    block size fall back to another type). threads: 0 = all hardware threads.
+    block size fall back to another type). threads: 0 = all hardware threads. The call
+    blocks for minutes on large files (Q4_K_M of the 4-layer Qwen3-30B-A3B-width model:
+    ~10 min on 2 busy cores), so it runs in a thread while a progress line shows the bytes
+    written so far.
     """
     if qtype not in QUANT_TYPES:
         raise ValueError(f"qtype must be one of {sorted(QUANT_TYPES)}, got {qtype!r}")
@@ -252,12 +259,34 @@ def quantize_gguf(src, dst, qtype: str, *, threads: int = 0) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_TYPES[qtype])
     params.nthread = threads
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    rc = _run_with_file_progress(
+        lambda: llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)),
+        tmp, f"{qtype} <- {src.name}", progress)
     if rc != 0:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"llama_model_quantize({src} -> {qtype}) failed with code {rc}")
     os.replace(tmp, dst)
     return dst
+
+
+def _run_with_file_progress(call: Callable[[], int], watched: Path, label: str, progress: bool) -> int:
+    """Run a blocking C call (ctypes drops the GIL) in a thread; show `watched`'s size."""
+    import threading
+
+    from rich.progress import DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), DownloadColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.5)
+            bar.update(task, completed=watched.stat().st_size if watched.exists() else 0)
+    if not result:
+        raise RuntimeError(f"{label}: llama.cpp call raised (see the traceback above)")
+    return result[0]
 
 
 def gguf_tensor_bytes(path) -> int:

@@ -222,12 +222,12 @@ def test_quantized_files_are_smaller_and_stay_close(model, f16_path, q8_path, tm
                     "files (see bench/llamacpp_peer.py); reinstall it without AMX to run this")
     f16 = peer.decode_ms_per_step(f16_path, PROMPT, 2, threads=1)["prompt_logits"]
     f16_bytes = peer.gguf_tensor_bytes(f16_path)
-    # Relative RMS error of the prompt logits against F16. Q8_0 keeps ~8 bits per weight
-    # (block scale per 32), a few tenths of a percent per matmul; Q4_K_M keeps ~4.5 bits.
-    # On this tiny model many rows are not a multiple of 256, so llama.cpp falls back from
-    # K-quants to other types there; the bounds are loose by design: they catch a broken
-    # file (garbage or zero logits), not a precision regression.
-    for qtype, max_rel_rms in (("Q8_0", 0.05), ("Q4_K_M", 0.35)):
+    # Relative RMS error of the prompt logits against the F16 file's. Measured on seeds 0-2
+    # (2026-12-02): Q8_0 0.019-0.034, Q4_K_M 0.09-0.21 (rows of 32/64 are not multiples of
+    # 256, so llama.cpp falls back from K-quants to Q5_0/Q5_1/Q8_0 there). The bounds are
+    # loose by design: they catch a broken file (zero logits give 1.0, unrelated logits of
+    # the same scale ~1.4), not a precision regression.
+    for qtype, max_rel_rms in (("Q8_0", 0.1), ("Q4_K_M", 0.5)):
         path = q8_path if qtype == "Q8_0" else peer.quantize_gguf(
             f16_path, tmp_path / f"tiny-{qtype}.gguf", qtype, threads=1)
         assert peer.gguf_tensor_bytes(path) < f16_bytes, qtype
