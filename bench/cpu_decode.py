@@ -13,7 +13,9 @@ caches; `--rounds` interleaves them and keeps each one's best median):
     moecc      the same with CompileConfig(backend="moecc"): TVM kernels for the MoE layers
     llama.cpp  llama-cpp-python on a GGUF written from the same weights (F16, Q8_0,
                Q4_K_M), batch 1; only when llama-cpp-python and gguf are installed (an
-               optional peer, never in CI: bench/llamacpp_peer.py)
+               optional peer, never in CI: bench/llamacpp_peer.py). GGUF files are kept
+               in $MOECC_CACHE_DIR/gguf (default ~/.cache/moecc/gguf): Q4_K_M
+               quantisation of the 4-layer model takes minutes.
 
 ms per decode step: the median interval between consecutive logits-processor calls of a
 greedy generate() after a warm-up generate() of the same length (compilation happens
@@ -187,25 +189,36 @@ def torch_worker(variant: str, dtype_name: str, cfg: CPUDecodeConfig) -> dict:
     return out
 
 
-def llama_worker(cfg: CPUDecodeConfig, folder: Path) -> dict:
-    """llama.cpp decode of the same weights: batch 1, F16 / Q8_0 / Q4_K_M."""
+def gguf_folder() -> Path:
+    """Where GGUF files of the benchmark model are kept between runs (quantising takes minutes)."""
+    root = os.environ.get("MOECC_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "moecc") / "gguf"
+
+
+def llama_worker(cfg: CPUDecodeConfig) -> dict:
+    """llama.cpp decode of the same weights: batch 1, F16 / Q8_0 / Q4_K_M (files cached)."""
     from moecc.bench import llamacpp_peer as peer
 
+    folder = gguf_folder()
+    folder.mkdir(parents=True, exist_ok=True)
     f16 = folder / f"qwen3moe-{cfg.layers}l-v{cfg.vocab}-s{cfg.seed}-F16.gguf"
     if not f16.exists():
-        peer.write_gguf(build_model(cfg, torch.float32), f16, dtype="f16")
+        peer.write_gguf(build_model(cfg, torch.float32), f16, dtype="f16", progress=False)
     threads = cfg.threads or torch.get_num_threads()
     ids = prompt_ids(cfg, 1)[0].tolist()
-    out = {}
+    out: dict = {"F16_tensor_bytes": peer.gguf_tensor_bytes(f16)}
     for q in LLAMA_QUANTS:
         path = f16 if q == "F16" else f16.with_name(f16.name.replace("-F16", f"-{q}"))
-        if not path.exists():
-            peer.quantize_gguf(f16, path, q)
-        res = peer.decode_ms_per_step(path, ids, cfg.new_tokens, threads)
+        try:
+            if not path.exists():
+                peer.quantize_gguf(f16, path, q, progress=False)
+            res = peer.decode_ms_per_step(path, ids, cfg.new_tokens, threads)
+        except peer.LlamaCppUnavailable as exc:  # e.g. quantised files on a build with AMX kernels
+            out[f"{q}_unavailable"] = str(exc)
+            continue
         steps = list(res["step_ms"])[cfg.skip_steps:]
         out[q] = {"step_ms": statistics.median(steps), "min_step_ms": min(steps), "steps": len(steps),
                   "tensor_bytes": peer.gguf_tensor_bytes(path)}
-    out["F16_tensor_bytes"] = out["F16"]["tensor_bytes"]
     return out
 
 
@@ -262,7 +275,9 @@ def run(cfg: CPUDecodeConfig, out_dir: str | os.PathLike, command: str = "moecc 
                 continue
             slot = best.setdefault((variant, dtype_name), {})
             for key, rec in res.items():
-                if not isinstance(rec, dict):
+                if key.endswith("_unavailable"):
+                    notes.append(f"llama.cpp {key.split('_unavailable')[0]}: {rec}"[:600])
+                elif not isinstance(rec, dict):
                     slot[key] = rec
                 elif key not in slot or rec["step_ms"] < slot[key]["step_ms"]:
                     slot[key] = rec
@@ -310,17 +325,23 @@ def _assemble(cfg: CPUDecodeConfig, best: dict, bandwidths: list[float], notes: 
 def environment() -> dict:
     import importlib.metadata as md
 
-    def version(name):
+    def version(name, module=None):
         try:
             return md.version(name)
         except md.PackageNotFoundError:
-            return None
+            pass
+        if module:  # importable without package metadata (a build on PYTHONPATH)
+            try:
+                return getattr(__import__(module), "__version__", None)
+            except Exception:  # noqa: BLE001 - a broken optional peer is just "unknown"
+                return None
+        return None
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": version("transformers"), "apache-tvm": version("apache-tvm"),
-            "llama-cpp-python": version("llama_cpp_python"), "python": platform.python_version()}
+            "llama-cpp-python": version("llama_cpp_python", "llama_cpp"), "python": platform.python_version()}
 
 
 def format_table(results: dict) -> str:
@@ -361,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = CPUDecodeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    res = llama_worker(cfg, Path(out)) if variant == "llama.cpp" else torch_worker(variant, dtype_name, cfg)
+    res = llama_worker(cfg) if variant == "llama.cpp" else torch_worker(variant, dtype_name, cfg)
     print(json.dumps({str(k): v for k, v in res.items()}))
 
 
