@@ -4,7 +4,8 @@
 
 Reads train_log.json (written by train.py) and measures the rest with `moecc.evaluate`
 on the shipped held-out sample (reference kernels, the rest of the graph eager), so the
-card's numbers come from the same harness as `moecc eval`.
+card's numbers come from the same harness as `moecc eval`; the full result is kept
+beside it as heldout_eval.json.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ def write_card(model_dir: str, progress: bool = True) -> str:
     n_params = sum(p.numel() for p in model.parameters())
     result = evaluate(model, {"kernel_backend": "reference", "rest_of_graph": "eager"}, model_name=log["model"],
                       progress=progress)
+    with open(os.path.join(model_dir, "heldout_eval.json"), "w") as f:
+        f.write(result.to_json() + "\n")
     path = os.path.join(model_dir, "CARD.md")
     with open(path, "w") as f:
         f.write(card_text(model_dir, log, result, config, n_params))

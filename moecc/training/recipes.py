@@ -67,9 +67,9 @@ RECIPES: dict[str, Recipe] = {
     r.name: r for r in (
         Recipe("qwen3-moe-stdlib", "qwen3_moe", _QWEN3, aux_loss_coef=0.01,
                notes=["load-balancing loss (router_aux_loss_coef 0.01)"]),
-        Recipe("qwen3-moe-stdlib-noaux", "qwen3_moe", _QWEN3, aux_loss_coef=0.0, seed=1, steps=500,
+        Recipe("qwen3-moe-stdlib-noaux", "qwen3_moe", _QWEN3, aux_loss_coef=0.0, seed=1, steps=400,
                notes=["no load-balancing loss: some experts go cold"]),
-        Recipe("deepseek-v3-stdlib", "deepseek_v3", _DEEPSEEK, bias_update_speed=1e-3, steps=400,
+        Recipe("deepseek-v3-stdlib", "deepseek_v3", _DEEPSEEK, bias_update_speed=1e-3, steps=300,
                notes=["auxiliary-loss-free balancing: correction bias += 1e-3 * sign(mean load - load) per step"]),
     )
 }
