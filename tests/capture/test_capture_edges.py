@@ -107,7 +107,10 @@ def test_dump_graphs_writes_one_file_per_stage(tmp_path, quiet):
     with torch.no_grad():
         compiled(torch.randint(0, 256, (1, 4)))
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["graph00_capture.txt", "graph00_expert_fusion.txt", "graph00_lower_kernels.txt"]
+    from moecc.passes.pipeline import PIPELINE
+
+    assert names == sorted(["graph00_capture.txt"] + [f"graph00_{p.NAME}.txt" for p in PIPELINE])
+    assert {"graph00_expert_fusion.txt", "graph00_lower_kernels.txt", "graph00_decode_gemv.txt"} <= set(names)
     assert "moecc.moe_layer" in (tmp_path / "graph00_capture.txt").read_text()
 
 
