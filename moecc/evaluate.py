@@ -74,6 +74,7 @@ class EvalResult:
     domains: dict[str, DomainScore]
     overall: DomainScore       # all domains' predicted bytes pooled
     layers: list[LayerRouting]
+    kernels: dict[str, int] = field(default_factory=dict)  # lower_kernels counters: layers per kernel backend
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -218,8 +219,12 @@ def evaluate(model, options: dict | None = None, data: str | None = None, *, max
     seconds = {k: round(v, 3) for k, v in seconds.items()}
     seconds["total"] = round(time.perf_counter() - t_start, 3)
     shown_options = {k: v for k, v in options.items() if k != "report"}
+    # Kernels of the last graph compiled (a recompile for a short last window repeats them).
+    kernels = next((dict(p.counters) for g in reversed(report.graphs) for p in g.passes
+                    if p.name == "lower_kernels"), {})
     return EvalResult(model_name, shown_options, data, int(next(iter(windows.values())).shape[1]),
-                      len(report.captured), len(blocks), domains, overall, layers, seconds)
+                      len(report.graphs[-1].captured) if report.graphs else 0, len(blocks), domains, overall,
+                      layers, kernels, seconds)
 
 
 def _domain_score(dom: str, acc: list[float], unigram: float) -> DomainScore:

@@ -76,8 +76,10 @@ def print_result(console, result) -> None:
     from rich.table import Table
 
     opts = json.dumps(result.options) if result.options else "defaults"
-    console.print(f"{result.model}: {result.captured_layers} of {result.moe_layers} MoE layers captured; "
-                  f"options {opts}; data {result.data}; windows of {result.seq_len} bytes", markup=False)
+    kernels = ", ".join(f"{k}={v}" for k, v in result.kernels.items() if v) or "none"
+    console.print(f"{result.model}: {result.captured_layers} of {result.moe_layers} MoE layers captured "
+                  f"(kernels: {kernels}); options {opts}; data {result.data}; windows of {result.seq_len} bytes",
+                  markup=False)
     t = Table(title="next-byte prediction, eager vs compiled")
     for col in ("domain", "bytes", "unigram bpb", "eager bpb", "compiled bpb", "KL (nats/byte)", "top-1 agree"):
         t.add_column(col, justify="right")
