@@ -17,7 +17,8 @@ picks the top-k experts for the eager inputs and for the compiled model's inputs
 compiled layer routes with the reference semantics that capture verified against this
 router, so this is the compiled model's routing up to exact near-ties inside a kernel;
 a flip means the hidden states reaching the router moved enough to change a top-k set.
-Bits per byte in fp32 are model properties; the unigram baseline is the entropy of each
+Shapes: B windows per batch, W bytes per window, T = B*W tokens, D hidden size, E experts,
+k experts per token, V = 256 byte values. Bits per byte in fp32 are model properties; the unigram baseline is the entropy of each
 domain's own byte histogram (the best any unigram model can do on that text).
 """
 
@@ -140,16 +141,20 @@ class _RouterInputs:
 
 
 def _topk_sets(block, x: torch.Tensor) -> torch.Tensor:
-    indices = block.gate(x)[2]  # [T, top_k] experts chosen by the block's own router
+    """[T, k] chosen experts, sorted per token so that equal sets compare equal; x is [T, D]."""
+    indices = block.gate(x)[2]  # [T, k] experts chosen by the block's own router
     return indices.sort(dim=-1).values
 
 
 def _score(eager_logits, compiled_logits, targets):
-    """Sums over predicted bytes: eager NLL, compiled NLL, KL, top-1 agreements (fp64)."""
-    le = torch.log_softmax(eager_logits.double(), -1)
+    """Sums over predicted bytes: eager NLL, compiled NLL, KL, top-1 agreements (fp64).
+
+    logits [B, W-1, V] (positions that have a next byte), targets [B, W-1].
+    """
+    le = torch.log_softmax(eager_logits.double(), -1)  # [B, W-1, V]
     lc = torch.log_softmax(compiled_logits.double(), -1)
-    t = targets.unsqueeze(-1)
-    kl = (le.exp() * (le - lc)).sum(-1)
+    t = targets.unsqueeze(-1)  # [B, W-1, 1]
+    kl = (le.exp() * (le - lc)).sum(-1)  # [B, W-1]
     agree = (eager_logits.argmax(-1) == compiled_logits.argmax(-1)).double()
     return (float(-le.gather(-1, t).sum()), float(-lc.gather(-1, t).sum()), float(kl.sum()), float(agree.sum()))
 
@@ -200,9 +205,9 @@ def evaluate(model, options: dict | None = None, data: str | None = None, *, max
                 outs = {}
                 for variant, fn in (("eager", model), ("compiled", compiled)):
                     t0 = time.perf_counter()
-                    outs[variant] = fn(input_ids=ids).logits[:n].float()
+                    outs[variant] = fn(input_ids=ids).logits[:n].float()  # [n, W, V]
                     seconds[variant] += time.perf_counter() - t0
-                    for name, x in recorder.take().items():
+                    for name, x in recorder.take().items():  # x: [B*W, D], padding rows dropped
                         x = x.view(ids.shape[0], ids.shape[1], -1)[:n].reshape(n * ids.shape[1], -1)
                         routes[name][variant].append(x)
                 s = _score(outs["eager"][:, :-1], outs["compiled"][:, :-1], ids[:n, 1:])
