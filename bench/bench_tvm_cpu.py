@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from moecc.backends.reference.routing import route, router_logits
+from moecc.roofline import cpu_read_bandwidth
 from moecc.spec import ExpertSpec, MoELayerSpec, RouterSpec
 from moecc.tolerances import check_close
 from moecc.weights import make_weights
@@ -131,17 +132,6 @@ def worker(impl: str, args) -> dict:
     return out
 
 
-def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
-    """Best-of-reps bytes/s of torch.sum over a fresh `gib` GiB fp32 tensor (DRAM read rate)."""
-    t = torch.rand(int(gib * 2 ** 30) // 4)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        t.sum()
-        best = min(best, time.perf_counter() - t0)
-    return t.numel() * 4 / best
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--experts", type=int, default=128)
@@ -166,7 +156,7 @@ def main() -> None:
             for m, r in res.items():
                 best[name][int(m)] = min(best[name].get(int(m), float("inf")), r["time"])
                 weight_bytes[int(m)] = r["bytes"]
-    bandwidth = read_bandwidth()
+    bandwidth = cpu_read_bandwidth()
 
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "

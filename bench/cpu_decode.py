@@ -49,6 +49,8 @@ from pathlib import Path
 
 import torch
 
+from moecc.roofline import cpu_read_bandwidth
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TORCH_VARIANTS = ("eager", "static", "moecc")
 LLAMA_QUANTS = ("F16", "Q8_0", "Q4_K_M")
@@ -87,18 +89,6 @@ def build_model(cfg: CPUDecodeConfig, dtype: torch.dtype):
 def prompt_ids(cfg: CPUDecodeConfig, batch: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(cfg.seed + 7 * batch)
     return torch.randint(1, cfg.vocab, (batch, cfg.prompt_len), generator=gen)  # [B, P]
-
-
-def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
-    """Best-of-reps bytes/s of torch.sum over a fresh `gib` GiB fp32 tensor."""
-    t = torch.rand(int(gib * 2 ** 30) // 4)
-    t.sum()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        t.sum()
-        best = min(best, time.perf_counter() - t0)
-    return t.numel() * 4 / best
 
 
 # ---------------------------------------------------------------- worker processes
@@ -264,7 +254,7 @@ def run(cfg: CPUDecodeConfig, out_dir: str | os.PathLike, command: str = "moecc 
     started = time.perf_counter()
     for rnd in range(cfg.rounds):
         for variant, dtype_name in jobs:
-            bandwidths.append(read_bandwidth())
+            bandwidths.append(cpu_read_bandwidth())
             log(f"[cpu-decode] round {rnd + 1}/{cfg.rounds} {variant:<9} {dtype_name:<4} "
                 f"(read bandwidth now {bandwidths[-1] / 1e9:.1f} GB/s, {time.perf_counter() - started:.0f} s so far)")
             try:

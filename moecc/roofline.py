@@ -22,3 +22,20 @@ def moe_layer_traffic(num_tokens: int, top_k: int, intermediate: int, hidden: in
 
 def floor_seconds(moved_bytes: float, flops: float, bandwidth_bytes_per_s: float, peak_flops_per_s: float) -> float:
     return max(moved_bytes / bandwidth_bytes_per_s, flops / peak_flops_per_s)
+
+
+def cpu_read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
+    """The CPU's read rate in bytes/s: best of `reps` torch.sum over a fresh `gib` GiB fp32
+    tensor, with torch's thread count. The bandwidth the CPU benchmarks' floors divide by."""
+    import time
+
+    import torch
+
+    t = torch.rand(int(gib * 2 ** 30) // 4)
+    t.sum()  # first touch outside the timing
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        t.sum()
+        best = min(best, time.perf_counter() - t0)
+    return t.numel() * 4 / best
