@@ -39,6 +39,10 @@ class CompileOptions:
         now aliases moecc's tensor. Off by default because it changes parameter storage.
     decode_gemv: on the CPU, run one-row bfloat16 linear layers (batch-1 decode) as
         matrix-vector products (passes/decode_gemv.py); False keeps torch's GEMM path.
+    precision: lower the routed experts' weights to a packed format (moecc/precision.py):
+        None (keep them), "int8", "int4", a dict {"format": "int4", ...} or a config object
+        (moecc.Int4WeightOnly(group_size=64)); each layer falls back down the config's
+        chain where its accuracy bound is missed (reported), or raises with strict=True.
     mode: torch.compile's mode. torch.compile refuses `mode=` together with `options=`,
         so the mode may also be given as options={"mode": "reduce-overhead", ...}.
     report: a moecc.CompileReport the caller owns; every compiled graph appends what
@@ -54,8 +58,15 @@ class CompileOptions:
     decode_gemv: bool = True
     report: Optional[Any] = field(default=None, compare=False)  # a moecc.CompileReport to fill
     mode: Optional[str] = None
+    precision: Optional[Any] = None  # parsed to a moecc.precision config (or None)
 
     def __post_init__(self) -> None:
+        from moecc.precision import PrecisionError, parse_precision
+
+        try:
+            object.__setattr__(self, "precision", parse_precision(self.precision))
+        except PrecisionError as exc:
+            raise OptionsError(f"moecc option 'precision': {exc}") from exc
         _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _choice("rest_of_graph", self.rest_of_graph, GRAPH_BACKENDS)
         _choice("mode", self.mode, MODES)

@@ -21,6 +21,7 @@ SCORINGS = ("softmax", "sigmoid", "topk_softmax", "sqrt_softplus", "sparsemixer"
 GROUP_SCORINGS = ("top2_sum", "max")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "swiglu_oai", "swiglu_softcap", "relu2")
 GATE_UP_LAYOUTS = ("concat", "interleaved", "separate")
+WEIGHT_FORMATS = ("dense", "int8", "int4")
 
 
 class SpecError(ValueError):
@@ -119,6 +120,10 @@ class ExpertSpec:
     [2*S*N, K] with gate rows first, passed as shared_gate (shared_up absent).
     `shared_gated` (Qwen2-MoE, Qwen3-Next): the shared experts' output is multiplied by
     sigmoid(x @ shared_expert_gate^T), one scalar per token, instead of weight 1.
+    `weight_format` "int8" / "int4" (set by passes/precision_lowering.py, canonical layout
+    only): gate_up and down are packed uint8 with fp32 scales per `group_size` values
+    along the reduction axis (0: one group per row); the experts compute in the model's
+    dtype on the dequantised weights (backends/reference/quantized.py).
     """
 
     hidden_size: int
@@ -138,6 +143,8 @@ class ExpertSpec:
     shared_gate_up_fused: bool = False
     shared_intermediate_size: int = 0
     gated: bool = True
+    weight_format: str = "dense"
+    group_size: int = 0
 
     @property
     def canonical(self) -> bool:
@@ -170,6 +177,12 @@ class ExpertSpec:
                             f"num_shared={self.num_shared} experts of width {self.intermediate_size}")
         if self.shared_gated and not self.num_shared:
             raise SpecError("shared_gated needs shared experts (num_shared > 0)")
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise SpecError(f"weight format {self.weight_format!r} is not one of {WEIGHT_FORMATS}")
+        if self.weight_format != "dense" and not self.canonical:
+            raise SpecError("quantised expert weights need the canonical layout (run expert fusion first)")
+        if self.group_size < 0 or (self.weight_format == "dense" and self.group_size):
+            raise SpecError("group_size is a non-negative int, and only meaningful for quantised weights")
 
 
 @dataclass(frozen=True)
@@ -221,6 +234,8 @@ class MoELayerSpec:
             parts.append(f"{e.num_shared} shared{' gated' if e.shared_gated else ''}"
                          f"{' (fused)' if e.shared_fused else ''}")
         parts.append(f"layout={e.gate_up_layout}{'^T' if e.gate_up_transposed else ''}")
+        if e.weight_format != "dense":
+            parts.append(f"{e.weight_format} {'g' + str(e.group_size) if e.group_size else 'per-row'}")
         return ", ".join(parts)
 
 

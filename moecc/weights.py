@@ -17,6 +17,10 @@ Shapes (legend in moecc/spec.py), for the canonical layout:
     shared_up          [S*N, K]
     shared_down        [K, S*N]
     shared_expert_gate [1, K]       Qwen2-MoE-style gate: shared output *= sigmoid(x @ g^T)
+    gate_up_scale      [E, 2N, K/G] fp32   only when spec.experts.weight_format != "dense":
+    down_scale         [E, K, N/G]  fp32   gate_up / down are then packed uint8
+                                           [E, 2N, K/P] / [E, K, N/P] (P = 1 int8, 2 int4;
+                                           G = group size; moecc/backends/reference/quantized.py)
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ class MoEWeights(NamedTuple):
     shared_down: Optional[torch.Tensor]
     # Last and defaulted, so code that builds MoEWeights from the first 11 fields still works.
     shared_expert_gate: Optional[torch.Tensor] = None
+    # Quantised expert stacks (precision lowering): per-group fp32 scales; also last and defaulted.
+    gate_up_scale: Optional[torch.Tensor] = None
+    down_scale: Optional[torch.Tensor] = None
 
 
 MOE_WEIGHT_FIELDS: tuple[str, ...] = MoEWeights._fields

@@ -8,7 +8,9 @@ Does:    resolves options.kernel_backend ("auto": Triton on CUDA when it is usab
 Guarantees: every layer node calls an op that runs on the graph's device, or compilation
          stops here with an error that says which option to change. A layer using a
          variant only the reference implements (moecc.spec.kernel_unsupported) stays on
-         the reference op, with a note saying which variant.
+         the reference op, with a note saying which variant. Quantised expert stacks
+         (precision_lowering) run on the TVM llvm kernels; the Triton and TVM cuda
+         kernels do not read them yet, so such layers stay on the reference op (noted).
 Counters: triton, tvm, reference (layers bound to each).
 """
 
@@ -74,6 +76,11 @@ def run(ctx: PassContext) -> PassResult:
         elif chosen != "reference" and kernel_unsupported(spec):
             notes.append(f"{spec.source}: the {chosen} kernels lack {', '.join(kernel_unsupported(spec))}; "
                          "kept on the reference kernels")
+            chosen = "reference"
+        elif chosen != "reference" and spec.experts.weight_format != "dense" \
+                and (chosen == "triton" or ctx.device.type != "cpu"):
+            notes.append(f"{spec.source}: the {chosen} kernels do not read {spec.experts.weight_format} "
+                         "weights yet; kept on the reference kernels")
             chosen = "reference"
         node.target = op_for_backend(chosen)
         counters[chosen] += 1

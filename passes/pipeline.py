@@ -1,8 +1,10 @@
 """The pass pipeline: an explicit, ordered list. Order matters; each pass states why.
 
-1. expert_fusion   canonical layouts + shared experts folded (kernels need it)
-2. lower_kernels   bind layers to Triton / TVM / reference ops (needs canonical layouts)
-3. decode_gemv     CPU batch-1 decode: one-row bf16 linears as torch.mv (after capture)
+1. expert_fusion       canonical layouts + shared experts folded (kernels need it)
+2. precision_lowering  options.precision: expert stacks packed int8 / int4 (needs the
+                       canonical layout; before lowering, which picks kernels by format)
+3. lower_kernels       bind layers to Triton / TVM / reference ops (needs canonical layouts)
+4. decode_gemv         CPU batch-1 decode: one-row bf16 linears as torch.mv (after capture)
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ from __future__ import annotations
 import os
 
 from moecc.capture.report import PassResult
-from moecc.passes import decode_gemv, expert_fusion, lower_kernels
+from moecc.passes import decode_gemv, expert_fusion, lower_kernels, precision_lowering
 from moecc.passes.context import PassContext
 
-PIPELINE = (expert_fusion, lower_kernels, decode_gemv)
+PIPELINE = (expert_fusion, precision_lowering, lower_kernels, decode_gemv)
 
 
 def run_pipeline(ctx: PassContext, graph_index: int = 0) -> list[PassResult]:

@@ -8,6 +8,10 @@ Routing in fp32 (backends/reference/routing.py); each expert's MLP in the weight
 dtype, as the models' eager code does; the weighted sum accumulates in fp32 and is cast
 to the input dtype once. A loop over the experts that received tokens: slow, simple, and
 it reads no weight of an expert without tokens.
+
+Quantised experts (spec.experts.weight_format "int8" / "int4"): each expert's packed
+weights are dequantised (backends/reference/quantized.py) to the hidden states' dtype
+when it is used, one expert at a time; that dequantised weight is the semantics.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from moecc.backends.reference.experts import canonical_expert_weights, expert_mlp
+from moecc.backends.reference.quantized import dequantize
 from moecc.backends.reference.routing import route, router_logits
 from moecc.spec import MoELayerSpec
 from moecc.weights import MoEWeights
@@ -29,7 +34,22 @@ def moe_layer(hidden: torch.Tensor, weights: MoEWeights, spec: MoELayerSpec) -> 
     logits = router_logits(hidden, weights.router_weight, weights.router_bias, spec.router)  # [T, E]
     topk_weights, topk_ids = route(logits, spec.router, weights.correction_bias)  # [T, k] x2
     experts = canonical_expert_weights(weights, spec.experts)
+    if spec.experts.weight_format != "dense":
+        experts = experts._replace(gate_up=_DequantizedStack(experts.gate_up, weights.gate_up_scale, spec, hidden.dtype),
+                                   down=_DequantizedStack(experts.down, weights.down_scale, spec, hidden.dtype))
     return combine_experts(hidden, topk_weights, topk_ids, experts, spec, weights.shared_expert_gate)
+
+
+class _DequantizedStack:
+    """A packed stack indexed like a dense one: stack[e] is expert e dequantised ([R, C])."""
+
+    def __init__(self, packed, scales, spec: MoELayerSpec, dtype):
+        if scales is None:
+            raise ValueError(f"the layer spec says {spec.experts.weight_format} weights but no scales were given")
+        self.packed, self.scales, self.fmt, self.dtype = packed, scales, spec.experts.weight_format, dtype
+
+    def __getitem__(self, e):
+        return dequantize(self.packed[e], self.scales[e], self.fmt, self.dtype)
 
 
 def combine_experts(

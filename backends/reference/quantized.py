@@ -1,0 +1,99 @@
+"""Packed int8 / int4 expert weights: the layout, quantisation and dequantisation.
+
+This module is the semantics of moecc's quantised expert stacks; every kernel that reads
+them is tested against `dequantize`.
+
+Layout (the one onnxruntime's QMoE / MatMulNBits and vLLM's wna16 MoE kernels use, so an
+export needs no repacking). For a stack w [E, R, C] (gate_up: R = 2N, C = K; down:
+R = K, C = N), C the reduction axis, G the group size (0 = C: one group per row):
+    packed  uint8 [E, R, C/P]   P = 1 (int8) or 2 (int4: low nibble = even column first)
+    scales  fp32  [E, R, C/G]
+    value   w[e, r, c] ~= (q[e, r, c] - Z) * scales[e, r, c // G]
+with the zero point Z implied by symmetric quantisation: Z = 128 for int8 (q - 128 in
+[-127, 127]) and Z = 8 for int4 (q - 8 in [-8, 7]; absmax maps to 7).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+import torch
+
+BITS = {"int8": 8, "int4": 4}
+PER_BYTE = {"int8": 1, "int4": 2}
+ZERO_POINT = {"int8": 128, "int4": 8}
+QMAX = {"int8": 127, "int4": 7}
+
+
+class QuantizedStack(NamedTuple):
+    packed: torch.Tensor  # uint8 [E, R, C/P]
+    scales: torch.Tensor  # fp32 [E, R, C/G]
+
+
+def group_fits(fmt: str, columns: int, group_size: int) -> str:
+    """'' when `fmt` with `group_size` fits a reduction axis of `columns`, else why not."""
+    g = group_size or columns
+    if columns % g:
+        return f"group size {g} does not divide the reduction axis {columns}"
+    if g % PER_BYTE[fmt]:
+        return f"{fmt} needs an even group size, got {g}"
+    return ""
+
+
+def quantize_rows(w: torch.Tensor, fmt: str, group_size: int) -> QuantizedStack:
+    """w [..., R, C] (any float dtype) -> packed uint8 [..., R, C/P], scales fp32 [..., R, C/G]."""
+    *lead, c = w.shape
+    g = group_size or c
+    why = group_fits(fmt, c, g)
+    if why:
+        raise ValueError(why)
+    groups = w.float().reshape(*lead, c // g, g)  # [..., R, C/G, G]
+    absmax = groups.abs().amax(dim=-1, keepdim=True)  # [..., R, C/G, 1]
+    scales = absmax / QMAX[fmt]
+    # An all-zero group keeps scale 0 (its values dequantise to exactly 0); divide by 1 there.
+    q = torch.round(groups / torch.where(scales > 0, scales, torch.ones_like(scales)))
+    q = (q.clamp(-QMAX[fmt] - (fmt == "int4"), QMAX[fmt]) + ZERO_POINT[fmt]).to(torch.uint8)
+    q = q.reshape(*lead, c)  # [..., R, C]
+    if fmt == "int4":
+        q = q[..., 0::2] | (q[..., 1::2] << 4)  # [..., R, C/2], low nibble = even column
+    return QuantizedStack(q.contiguous(), scales.reshape(*lead, c // g).contiguous())
+
+
+def dequantize(packed: torch.Tensor, scales: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor:
+    """packed uint8 [..., R, C/P], scales [..., R, C/G] -> w [..., R, C] in `dtype` (computed in fp32)."""
+    if fmt == "int4":
+        lo, hi = packed & 15, packed >> 4
+        q = torch.stack([lo, hi], dim=-1).flatten(-2)  # [..., R, C]
+    elif fmt == "int8":
+        q = packed
+    else:
+        raise ValueError(f"unknown quantised weight format {fmt!r}; valid: {tuple(BITS)}")
+    values = q.float() - ZERO_POINT[fmt]  # [..., R, C]
+    *lead, c = values.shape
+    groups = scales.shape[-1]
+    w = values.reshape(*lead, groups, c // groups) * scales.float().unsqueeze(-1)  # [..., R, C/G, G]
+    return w.reshape(*lead, c).to(dtype)
+
+
+def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
+    """20*log10(|x| / |x - y|) in dB (inf when equal; NaN anywhere gives -inf, never a pass)."""
+    x, y = x.double(), y.double()
+    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        return float("-inf")
+    signal, noise = x.norm().item(), (x - y).norm().item()
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    return 20.0 * torch.log10(torch.tensor(signal / noise)).item()
+
+
+def quantize_stack(stack: torch.Tensor, fmt: str, group_size: int) -> Iterator[tuple[int, QuantizedStack, float]]:
+    """Quantise [E, R, C] expert by expert: yields (e, its packed/scales, its weight SQNR dB).
+
+    One expert at a time so the fp32 temporaries are one expert's worth, not the stack's.
+    """
+    for e in range(stack.shape[0]):
+        q = quantize_rows(stack[e], fmt, group_size)
+        yield e, q, sqnr_db(stack[e], dequantize(q.packed, q.scales, fmt))

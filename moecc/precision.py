@@ -1,0 +1,147 @@
+"""Precision-lowering configuration: which weight format the routed experts are stored in.
+
+    torch.compile(model, backend="moecc", options={"precision": "int4"})
+    torch.compile(model, backend="moecc", options={"precision": Int4WeightOnly(group_size=64)})
+
+A config is a small frozen, versioned dataclass (the torchao style). Each names a packed
+weight format (moecc/backends/reference/quantized.py defines the layout and the
+dequantisation that is its semantics), the accuracy it must reach, and what to do when
+it cannot:
+
+    min_weight_sqnr  dB; every expert's quantised weights must reach it
+                     (SQNR = 20*log10(|w| / |w - dequant(quant(w))|))
+    min_output_sqnr  dB; the layer's output on random hidden states must reach it
+    fallback         the next config to try when a bound is missed or the shape does not
+                     fit the format (int4 -> int8 -> the original dtype); None: keep the
+                     original weights
+    strict           refuse (raise PrecisionError) instead of falling back
+
+Default bounds (why these numbers): symmetric absmax quantisation of Gaussian-like
+weights gives about 19-20 dB for int4 in groups of 128 and 40-44 dB for int8 per row
+(measured on qwen3-moe-stdlib: docs/precision.md); the defaults sit ~4 dB below that,
+so ordinary trained weights pass and a layer with outliers that ruin the format falls
+back. Only the routed expert stack is lowered; router, norms and attention keep their dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Union
+
+WEIGHT_FORMATS = ("dense", "int8", "int4")
+SHORTHANDS = ("int8", "int4")
+
+
+class PrecisionError(ValueError):
+    """A bad precision option, or a strict config whose format cannot be used."""
+
+
+@dataclass(frozen=True)
+class Int8WeightOnly:
+    """int8 weights (symmetric, [-127, 127]), fp32 scales per group of `group_size` along
+    the reduction axis; group_size=None: one scale per row (the whole reduction axis)."""
+
+    group_size: Optional[int] = None
+    min_weight_sqnr: float = 35.0
+    min_output_sqnr: float = 30.0
+    fallback: Optional["PrecisionConfig"] = None
+    strict: bool = False
+    VERSION = 1
+    weight_format = "int8"
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+
+
+@dataclass(frozen=True)
+class Int4WeightOnly:
+    """int4 weights (symmetric, [-8, 7], stored as q + 8, two per byte, low nibble first),
+    fp32 scales per group of `group_size` (even) along the reduction axis."""
+
+    group_size: int = 128
+    min_weight_sqnr: float = 15.0
+    min_output_sqnr: float = 12.0
+    fallback: Optional["PrecisionConfig"] = dataclasses.field(default_factory=lambda: Int8WeightOnly())
+    strict: bool = False
+    VERSION = 1
+    weight_format = "int4"
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if self.group_size is None or self.group_size % 2:
+            raise PrecisionError(f"Int4WeightOnly.group_size must be an even int (two values per byte), "
+                                 f"got {self.group_size!r}")
+
+
+PrecisionConfig = Union[Int8WeightOnly, Int4WeightOnly]
+CONFIG_TYPES = (Int8WeightOnly, Int4WeightOnly)
+
+
+def _check_common(cfg) -> None:
+    name = type(cfg).__name__
+    if cfg.group_size is not None and (not isinstance(cfg.group_size, int) or isinstance(cfg.group_size, bool)
+                                       or cfg.group_size < 1):
+        raise PrecisionError(f"{name}.group_size must be a positive int, got {cfg.group_size!r}")
+    for bound in ("min_weight_sqnr", "min_output_sqnr"):
+        if not isinstance(getattr(cfg, bound), (int, float)) or isinstance(getattr(cfg, bound), bool):
+            raise PrecisionError(f"{name}.{bound} must be a number of dB, got {getattr(cfg, bound)!r}")
+    if cfg.fallback is not None and not isinstance(cfg.fallback, CONFIG_TYPES):
+        raise PrecisionError(f"{name}.fallback must be None or one of "
+                             f"{', '.join(t.__name__ for t in CONFIG_TYPES)}, got {cfg.fallback!r}")
+    if not isinstance(cfg.strict, bool):
+        raise PrecisionError(f"{name}.strict must be True or False, got {cfg.strict!r}")
+
+
+def parse_precision(value) -> Optional[PrecisionConfig]:
+    """options["precision"] -> a config (None: keep the model's weights as they are).
+
+    Accepts None, "dense", the shorthands "int8" / "int4" (default configs), a config
+    object, or a dict {"format": "int4", <field>: value, ...} (JSON options, `moecc eval
+    --options`). Anything else is an error listing what is valid.
+    """
+    if value is None or value == "dense":
+        return None
+    if isinstance(value, CONFIG_TYPES):
+        return value
+    if isinstance(value, str):
+        if value == "int8":
+            return Int8WeightOnly()
+        if value == "int4":
+            return Int4WeightOnly()
+        raise PrecisionError(f"unknown precision {value!r}; valid: None, 'dense', "
+                             f"{', '.join(repr(s) for s in SHORTHANDS)}, Int8WeightOnly(...), Int4WeightOnly(...)")
+    if isinstance(value, dict):
+        raw = dict(value)
+        fmt = raw.pop("format", None)
+        cls = {"int8": Int8WeightOnly, "int4": Int4WeightOnly}.get(fmt)
+        if cls is None:
+            raise PrecisionError(f"precision dict needs 'format' one of {SHORTHANDS}, got {fmt!r}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(raw) - set(valid))
+        if unknown:
+            raise PrecisionError(f"unknown {cls.__name__} field(s) {unknown}; valid: {', '.join(valid)}")
+        if isinstance(raw.get("fallback"), (str, dict)):
+            raw["fallback"] = parse_precision(raw["fallback"])
+        return cls(**raw)
+    raise PrecisionError(f"moecc option 'precision' must be None, a string {SHORTHANDS}, a dict or a config "
+                         f"object ({', '.join(t.__name__ for t in CONFIG_TYPES)}); got {type(value).__name__}")
+
+
+def chain(config: Optional[PrecisionConfig]) -> list[PrecisionConfig]:
+    """The config and its fallbacks in the order they are tried (no cycles: configs are values)."""
+    out = []
+    while config is not None and len(out) < 8:
+        out.append(config)
+        config = config.fallback
+    return out
+
+
+def describe(config: Optional[PrecisionConfig]) -> str:
+    """One line: 'int4 g128 (>= 15 dB weights, >= 12 dB output) -> int8 per-row -> dense'."""
+    parts = []
+    for c in chain(config):
+        g = f"g{c.group_size}" if c.group_size else "per-row"
+        parts.append(f"{c.weight_format} {g} (>= {c.min_weight_sqnr:g} dB weights, "
+                     f">= {c.min_output_sqnr:g} dB output{', strict' if c.strict else ''})")
+    return " -> ".join(parts + ["dense"])

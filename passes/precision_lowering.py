@@ -1,0 +1,129 @@
+"""Precision lowering: store each layer's routed expert stack as packed int8 / int4.
+
+Matches: every moecc layer node, when options.precision is set (moecc/precision.py).
+Needs:   expert_fusion before it (quantised stacks exist only in the canonical layout:
+         gate_up [E', 2N, K], down [E', K, N]); lower_kernels after it (it picks kernels
+         by the weight format the spec now names).
+Does:    for each layer, tries the config's chain (e.g. int4 g128 -> int8 per row ->
+         the original dtype): quantises the stack expert by expert
+         (backends/reference/quantized.py), measures every expert's weight SQNR and the
+         layer's output SQNR on random hidden states (the reference op, original vs
+         quantised weights), and keeps the first format that meets both bounds and whose
+         group size fits K and N. The packed weights and scales become derived tensors
+         (moecc.weight_store); the spec gets weight_format / group_size.
+Guarantees: a layer either meets its config's bounds or keeps its original weights;
+         with strict=True a miss raises PrecisionError instead of falling back. Router,
+         norms, biases and everything outside the expert stack keep their dtype.
+Memory: the packed stack is kept beside the model's own parameters (they stay alive as
+         long as the model does); `moecc.quantize_` (not built yet) is what will replace them.
+Counters: layers (lowered to some format), int8, int4, dense (kept), fallbacks, packed_kib.
+Notes:   per layer: chosen format, worst expert weight SQNR, output SQNR, and why.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moecc.backends.reference.moe_layer import moe_layer as reference_moe_layer
+from moecc.backends.reference.quantized import group_fits, quantize_stack, sqnr_db
+from moecc.capture.report import PassResult
+from moecc.passes.context import PassContext
+from moecc.precision import PrecisionError, chain, describe
+from moecc.spec import MoELayerSpec
+from moecc.weights import MOE_WEIGHT_FIELDS, MoEWeights
+
+NAME = "precision_lowering"
+PROBE_TOKENS = 64  # random hidden states for the output SQNR: enough to touch most experts
+
+
+def run(ctx: PassContext) -> PassResult:
+    counters = {"layers": 0, "int8": 0, "int4": 0, "dense": 0, "fallbacks": 0, "packed_kib": 0}
+    config = ctx.options.precision
+    if config is None:
+        return PassResult(NAME, counters)
+    notes = [f"precision: {describe(config)}"]
+    before = ctx.weights.derived_bytes
+    for index, node in enumerate(ctx.moe_nodes()):
+        spec = MoELayerSpec.from_json(node.args[-1])
+        arg_nodes = dict(zip(MOE_WEIGHT_FIELDS, node.args[1:-1]))
+        weights = MoEWeights(**{f: ctx.value(n) for f, n in arg_nodes.items()})
+        name = spec.source or f"layer {index}"
+        chosen, why = _choose(spec, weights, config, seed=index)
+        if chosen is None:
+            counters["dense"] += 1
+            notes.append(f"{name}: kept {weights.gate_up.dtype} ({why})")
+            continue
+        cfg, packed, measured = chosen
+        counters[cfg.weight_format] += 1
+        counters["layers"] += 1
+        counters["fallbacks"] += int(cfg is not config)
+        fmt_name = f"{cfg.weight_format} {'g' + str(cfg.group_size) if cfg.group_size else 'per-row'}"
+        notes.append(f"{name}: {fmt_name}: weight SQNR >= {measured[0]:.1f} dB, output SQNR {measured[1]:.1f} dB"
+                     + (f" ({why})" if why else ""))
+        sources = tuple(n.name if n is not None else None for n in arg_nodes.values())
+        new_args = dict(arg_nodes)
+        with ctx.gm.graph.inserting_before(node):
+            for field_name, tensor in packed.items():
+                new_args[field_name] = ctx.weights.get_attr(
+                    ("quantized", field_name, cfg.weight_format, cfg.group_size or 0, sources),
+                    lambda t=tensor: t, field_name)
+        lowered = spec.replace(experts={"weight_format": cfg.weight_format, "group_size": cfg.group_size or 0})
+        node.args = (node.args[0], *[new_args[f] for f in MOE_WEIGHT_FIELDS], lowered.to_json())
+    counters["packed_kib"] = (ctx.weights.derived_bytes - before) // 1024
+    return PassResult(NAME, counters, notes)
+
+
+def _choose(spec: MoELayerSpec, weights: MoEWeights, config, seed: int):
+    """((config, {field: tensor}, (worst weight SQNR, output SQNR)), why) or (None, why)."""
+    reasons = []
+    if not spec.experts.canonical or spec.experts.weight_format != "dense":
+        return None, "layout not canonical or already quantised"
+    if weights.gate_up.device.type == "meta":
+        return None, "weights on the meta device (nothing to measure)"
+    k, n = spec.experts.hidden_size, spec.experts.intermediate_size
+    for cfg in chain(config):
+        label = f"{cfg.weight_format}{' g' + str(cfg.group_size) if cfg.group_size else ''}"
+        misfit = group_fits(cfg.weight_format, k, cfg.group_size or 0) or \
+            group_fits(cfg.weight_format, n, cfg.group_size or 0)
+        if misfit:
+            miss = f"{label}: {misfit}"
+        else:
+            packed, worst = _quantize(weights, cfg)
+            out_sqnr = _output_sqnr(spec, weights, cfg, packed, seed)
+            if worst >= cfg.min_weight_sqnr and out_sqnr >= cfg.min_output_sqnr:
+                return (cfg, packed, (worst, out_sqnr)), "; ".join(reasons)
+            miss = (f"{label}: weight SQNR {worst:.1f} dB (bound {cfg.min_weight_sqnr:g}), "
+                    f"output SQNR {out_sqnr:.1f} dB (bound {cfg.min_output_sqnr:g})")
+        if cfg.strict:
+            raise PrecisionError(f"{spec.source or 'an MoE layer'}: {miss}; strict=True refuses to fall back. "
+                                 "Relax the bound, change group_size, or set strict=False.")
+        reasons.append(miss + " -> fallback")
+    return None, "; ".join(reasons)
+
+
+def _quantize(weights: MoEWeights, cfg) -> tuple[dict, float]:
+    """Both stacks packed expert by expert -> ({field: tensor}, worst expert weight SQNR)."""
+    out, worst = {}, float("inf")
+    for field_name, scale_name in (("gate_up", "gate_up_scale"), ("down", "down_scale")):
+        stack = weights[MOE_WEIGHT_FIELDS.index(field_name)]  # [E', R, C]
+        packed = scales = None
+        for e, q, sqnr in quantize_stack(stack, cfg.weight_format, cfg.group_size or 0):
+            if packed is None:  # allocate once: the result is the quantised size, no second copy
+                packed = q.packed.new_empty(stack.shape[0], *q.packed.shape)
+                scales = q.scales.new_empty(stack.shape[0], *q.scales.shape)
+            packed[e], scales[e] = q.packed, q.scales
+            worst = min(worst, sqnr)
+        out[field_name], out[scale_name] = packed, scales
+    return out, worst
+
+
+def _output_sqnr(spec: MoELayerSpec, weights: MoEWeights, cfg, packed: dict, seed: int) -> float:
+    """Layer output SQNR, original vs quantised weights, on random hidden states [P, K]."""
+    gen = torch.Generator().manual_seed(1234 + seed)
+    dtype = weights.gate_up.dtype
+    x = torch.randn(PROBE_TOKENS, spec.experts.hidden_size, generator=gen).to(weights.gate_up.device, dtype)
+    lowered = spec.replace(experts={"weight_format": cfg.weight_format, "group_size": cfg.group_size or 0})
+    with torch.no_grad():
+        y = reference_moe_layer(x, weights, spec)
+        y_q = reference_moe_layer(x, weights._replace(**packed), lowered)
+    return sqnr_db(y, y_q)
