@@ -8,6 +8,9 @@ Split (documented in docs/backends.md):
     TVM    moe_gate_up_act    grouped gate/up GEMM + bias + activation (fused epilogue)
            moe_down_weighted  grouped down GEMM + bias + routing weight (fused epilogue)
            moe_combine        per-token sum of its k' rows, cast to the output dtype
+Quantised layers (spec.experts.weight_format int8 / int4) pass the packed uint8 stacks
+and their fp32 scales (backends/reference/quantized.py) to GEMMs that dequantise while
+loading (kernels_llvm_quantized.py; llvm only); the output dtype is hidden's.
 Tensors cross into TVM by DLPack (tvm_ffi converts torch tensors at the call): weights
 are never copied; the activations are gathered once into per-expert blocks of rows
 (`index_select`, [NB, BM, K]) so the GEMM inner loops read contiguous rows. Intermediates
@@ -47,6 +50,9 @@ def kernel_key(spec: MoELayerSpec, dtype: torch.dtype, target: TargetSpec, confi
         shape=(r_spec.num_experts, e_spec.intermediate_size, e_spec.hidden_size, r_spec.top_k),
         dtype=dtype_name, num_tokens=num_tokens, device_key=dev_key or f"{target.kind}",
     )
+    config = resolved.config.fitted(target.kind, e_spec.intermediate_size, e_spec.hidden_size)
+    if e_spec.weight_format != "dense":
+        config = _fit_groups(config, e_spec)
     key = KernelKey(
         num_experts=r_spec.num_experts + e_spec.num_shared,
         n=e_spec.intermediate_size,
@@ -56,10 +62,28 @@ def kernel_key(spec: MoELayerSpec, dtype: torch.dtype, target: TargetSpec, confi
         act=ActivationSpec(e_spec.activation, float(e_spec.swiglu_alpha), float(e_spec.swiglu_limit)),
         gate_up_bias=has_gate_up_bias,
         down_bias=has_down_bias,
-        config=resolved.config.fitted(target.kind, e_spec.intermediate_size, e_spec.hidden_size),
+        config=config,
         target=target,
+        weight_format=e_spec.weight_format,
+        group_size=e_spec.group_size,
     )
     return key, resolved.source
+
+
+def _fit_groups(config, e_spec):
+    """Quantised GEMMs: vec must divide both group sizes (a step reads one scale) and be
+    even for int4 (a step reads whole bytes)."""
+    import dataclasses
+    import math
+
+    n, k = e_spec.intermediate_size, e_spec.hidden_size
+    span = math.gcd(e_spec.group_size or k, e_spec.group_size or n, n, k)
+    step = 2 if e_spec.weight_format == "int4" else 1
+    vec = max((d for d in range(step, min(config.vec, span) + 1, step) if span % d == 0), default=0)
+    if not vec:
+        raise ValueError(f"{e_spec.weight_format} weights with group size {e_spec.group_size} do not fit "
+                         f"N={n}, K={k}; the precision pass should have kept this layer dense")
+    return dataclasses.replace(config, vec=vec)
 
 
 def moe_layer(hidden: torch.Tensor, weights: MoEWeights, spec: MoELayerSpec,
@@ -75,9 +99,13 @@ def moe_layer(hidden: torch.Tensor, weights: MoEWeights, spec: MoELayerSpec,
     n, k = e_spec.intermediate_size, e_spec.hidden_size
     e_total = spec.router.num_experts + e_spec.num_shared
     gate_up, down = weights.gate_up, weights.down
-    if tuple(gate_up.shape) != (e_total, 2 * n, k) or tuple(down.shape) != (e_total, k, n):
-        raise ValueError(f"expected gate_up [{e_total}, {2 * n}, {k}] and down [{e_total}, {k}, {n}], "
+    p = 2 if e_spec.weight_format == "int4" else 1  # values per stored element
+    if tuple(gate_up.shape) != (e_total, 2 * n, k // p) or tuple(down.shape) != (e_total, k, n // p):
+        raise ValueError(f"expected gate_up [{e_total}, {2 * n}, {k // p}] and down [{e_total}, {k}, {n // p}], "
                          f"got {tuple(gate_up.shape)} and {tuple(down.shape)}")
+    if e_spec.weight_format != "dense" and (weights.gate_up_scale is None or weights.down_scale is None):
+        raise ValueError(f"{e_spec.weight_format} expert weights need gate_up_scale and down_scale")
+    kernel_dtype = hidden.dtype if e_spec.weight_format != "dense" else gate_up.dtype
     t = hidden.shape[0]
     if t == 0:
         return hidden.new_empty(0, k)
@@ -94,9 +122,12 @@ def moe_layer(hidden: torch.Tensor, weights: MoEWeights, spec: MoELayerSpec,
         # Per-call lookups stat the tuning folders (~0.3 ms, 4-6% of a decode-sized call on
         # CPU): resolve once per (layer, dtype, T, device), as the Triton op does. A table
         # written while the process runs is picked up by the next process.
-        key = _cached_kernel_key(spec.to_json(), gate_up.dtype, target, t, *has_biases, dev_key)
+        key = _cached_kernel_key(spec.to_json(), kernel_dtype, target, t, *has_biases, dev_key)
     else:
-        key, _ = kernel_key(spec, gate_up.dtype, target, config, t, *has_biases, dev_key)
+        key, _ = kernel_key(spec, kernel_dtype, target, config, t, *has_biases, dev_key)
+    if key.weight_format != "dense" and target.kind != "llvm":
+        raise ValueError(f"the TVM {target.kind} kernels do not read {key.weight_format} weights yet; "
+                         "run this layer on the reference op (kernel_backend='reference')")
     if target.kind == "llvm":
         use_torch_thread_count()
     kernels = load_kernels(key)
@@ -115,13 +146,14 @@ def run_kernels(kernels: KernelSet, key: KernelKey, hidden: torch.Tensor, weight
                 topk_w: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     """Align, then the three TVM kernels on torch tensors (DLPack, no copies)."""
     n, k, bm = key.n, key.k, key.config.block_m
-    dt = weights.gate_up.dtype
+    quantized = key.weight_format != "dense"
+    dt = hidden.dtype if quantized else weights.gate_up.dtype
     dev = hidden.device
     rows = align_tokens_by_expert(topk_w, topk_ids, key.num_experts, bm)
     x = hidden.to(dt)  # [T, K]
     xg = x.index_select(0, rows.tok.flatten()).view(rows.num_blocks, bm, k)  # [NB, BM, K] rows by expert
-    gate_up = weights.gate_up.contiguous().view(key.num_experts, 2, n, k)  # [E', 2, N, K]
-    down = weights.down.contiguous()  # [E', K, N]
+    gate_up = weights.gate_up.contiguous().view(key.num_experts, 2, n, -1)  # [E', 2, N, K/P]
+    down = weights.down.contiguous()  # [E', K, N/P]
     gu_bias = (weights.gate_up_bias.to(dt).contiguous().view(key.num_experts, 2, n)
                if key.gate_up_bias else torch.zeros(1, 2, n, dtype=dt, device=dev))  # [E', 2, N]
     d_bias = (weights.down_bias.to(dt).contiguous() if key.down_bias
@@ -130,7 +162,13 @@ def run_kernels(kernels: KernelSet, key: KernelKey, hidden: torch.Tensor, weight
     act = torch.empty(rows.num_blocks, bm, n, dtype=torch.float32, device=dev)  # [NB, BM, N]
     y = torch.empty(rows.num_blocks, bm, k, dtype=torch.float32, device=dev)  # [NB, BM, K]
     out = torch.empty(hidden.shape[0], k, dtype=dt, device=dev)  # [T, K]
-    kernels.gate_up_act(xg, rows.experts, rows.block_ptr, gate_up, gu_bias, act)
-    kernels.down_weighted(act, rows.row_weight, rows.experts, rows.block_ptr, down, d_bias, y)
+    if quantized:
+        gu_scale = weights.gate_up_scale.float().contiguous().view(key.num_experts, 2, n, -1)  # [E', 2, N, K/G]
+        d_scale = weights.down_scale.float().contiguous()  # [E', K, N/G]
+        kernels.gate_up_act(xg, rows.experts, rows.block_ptr, gate_up, gu_scale, gu_bias, act)
+        kernels.down_weighted(act, rows.row_weight, rows.experts, rows.block_ptr, down, d_scale, d_bias, y)
+    else:
+        kernels.gate_up_act(xg, rows.experts, rows.block_ptr, gate_up, gu_bias, act)
+        kernels.down_weighted(act, rows.row_weight, rows.experts, rows.block_ptr, down, d_bias, y)
     kernels.combine(y, rows.rows, out)
     return out.to(hidden.dtype)
