@@ -11,7 +11,8 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("demo", "eval", "explain", "autotune", "bench", "doctor", "export", "coverage")
+COMMAND_MODULES = ("demo", "eval", "explain", "autotune", "bench", "doctor", "export", "coverage", "calibrate",
+                   "plan_placement")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,10 @@ on the meta device (shapes only), where capture runs but verification cannot.
 Prints the MoE layers found, what each pass did, and what was left alone and why; a
 config without MoE layers, or one that transformers rejects, ends in one line that says
 so (never a traceback).
+
+`moecc explain --routing stats.json [--plot load.png]` explains routing statistics from
+`moecc calibrate` instead (no MODEL): per-layer load, entropy, cold experts, busiest
+experts, super-expert candidates, and co-activation communities (docs/routing.md).
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ MATERIALIZE_LIMIT = 300_000_000
 def register(sub) -> None:
     p = sub.add_parser("explain", help="show the MoE layers moecc finds and what each pass does",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="built-in model name or path to a transformers config.json")
+    p.add_argument("model", nargs="?", help="built-in model name or path to a transformers config.json")
     p.add_argument("--experts-implementation", default="grouped_mm", choices=["grouped_mm", "batched_mm", "eager"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--kernel-backend", default="reference", choices=["auto", "reference", "triton", "tvm"])
     p.add_argument("--meta", action="store_true", help="build on the meta device even if the model is small")
+    p.add_argument("--routing", metavar="STATS", default=None,
+                   help="explain routing statistics from `moecc calibrate` instead of a model")
+    p.add_argument("--plot", metavar="PNG", default=None, help="with --routing: write per-layer load as a PNG")
     p.set_defaults(func=run)
 
 
@@ -51,6 +58,26 @@ def moe_module_count(model) -> int:
     return sum(1 for m in model.modules() if isinstance(getattr(m, "experts", None), torch.nn.Module))
 
 
+def run_routing(args) -> int:
+    """`--routing STATS`: tables (and --plot PNG) of what the statistics say."""
+    from rich.console import Console
+
+    from moecc.routing_report import plot_routing, print_routing
+    from moecc.routing_stats import RoutingStatsError, load_stats
+
+    console = Console(width=None if Console().is_terminal else 140, soft_wrap=True)
+    try:
+        stats = load_stats(args.routing)
+    except RoutingStatsError as exc:
+        console.print(str(exc), style="red", markup=False)
+        return 2
+    print_routing(console, stats)
+    if args.plot:
+        plot_routing(stats, args.plot)
+        console.print(f"wrote {args.plot}", markup=False)
+    return 0
+
+
 def run(args) -> int:
     import warnings
 
@@ -60,7 +87,15 @@ def run(args) -> int:
     import moecc
     from moecc.models import build_model, load_config
 
+    if args.routing is not None or args.plot is not None:
+        if args.model is not None or args.plot is not None and args.routing is None:
+            Console().print("give either MODEL or --routing STATS (with --plot PNG), not both", style="red")
+            return 2
+        return run_routing(args)
     console = Console(width=None if Console().is_terminal else 140, soft_wrap=True)
+    if args.model is None:
+        console.print("moecc explain needs a MODEL (built-in name or config.json) or --routing STATS", style="red")
+        return 2
     try:
         config = load_config(args.model)
     except Exception as exc:  # noqa: BLE001 - any unloadable config ends in one line, not a traceback
