@@ -41,6 +41,10 @@ def __getattr__(name: str):
         from moecc.hf import use_compilable_experts
 
         return use_compilable_experts
+    if name in ("record_routing", "RoutingStats", "load_stats"):
+        from moecc import routing_stats
+
+        return getattr(routing_stats, name)
     if name == "CompileOptions":
         from moecc.options import CompileOptions
 
