@@ -178,3 +178,9 @@ def test_unreadable_experts_layout_is_refused():
     model.model.layers[0].mlp.experts.down_proj = torch.nn.Parameter(torch.zeros(8, 3, 3))
     with pytest.raises(RoutingStatsError, match="not in the layout"):
         record_routing(model, [torch.zeros(1, 4, dtype=torch.long)])
+
+
+def test_public_names():
+    import moecc
+
+    assert moecc.record_routing is record_routing and moecc.load_stats is load_stats
