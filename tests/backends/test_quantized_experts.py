@@ -10,15 +10,13 @@ bf16 tolerance. check_close fails on NaN.
 
 from __future__ import annotations
 
-import os
-
 import layer_factory
 import pytest
 import torch
 
 from moecc.backends import reference
 from moecc.backends.reference.quantized import dequantize, group_fits, quantize_rows, sqnr_db
-from moecc.spec import MoELayerSpec, RouterSpec, SpecError
+from moecc.spec import RouterSpec, SpecError
 from moecc.tolerances import check_close
 
 
@@ -97,19 +95,8 @@ CFG = {"block_m": 4, "tile_n": 2, "tile_k": 2, "vec": 16, "red_tile": 32}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _cache_dir(tmp_path_factory):
-    """A fresh on-disk TVM module cache for this test module."""
-    from moecc.backends.tvm.cache import load_kernels
-
-    old = os.environ.get("MOECC_CACHE_DIR")
-    os.environ["MOECC_CACHE_DIR"] = str(tmp_path_factory.mktemp("moecc_cache"))
-    load_kernels.cache_clear()
-    yield
-    load_kernels.cache_clear()
-    if old is None:
-        os.environ.pop("MOECC_CACHE_DIR", None)
-    else:
-        os.environ["MOECC_CACHE_DIR"] = old
+def _cache_dir(fresh_tvm_cache):
+    """A fresh on-disk TVM module cache for this test module (tests/backends/conftest.py)."""
 
 
 @pytest.mark.tvm

@@ -41,19 +41,8 @@ GPT_OSS = RouterSpec(8, 2, "topk_softmax", has_router_bias=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _cache_dir(tmp_path_factory):
-    """A fresh on-disk module cache for this test module (the in-process cache is cleared too)."""
-    from moecc.backends.tvm.cache import load_kernels
-
-    old = os.environ.get("MOECC_CACHE_DIR")
-    os.environ["MOECC_CACHE_DIR"] = str(tmp_path_factory.mktemp("moecc_cache"))
-    load_kernels.cache_clear()
-    yield
-    load_kernels.cache_clear()
-    if old is None:
-        os.environ.pop("MOECC_CACHE_DIR", None)
-    else:
-        os.environ["MOECC_CACHE_DIR"] = old
+def _cache_dir(fresh_tvm_cache):
+    """A fresh on-disk TVM module cache for this test module (tests/backends/conftest.py)."""
 
 
 make_layer = layer_factory.make_layer
