@@ -67,6 +67,9 @@ def device_key(spec: TargetSpec, device_index: int = 0) -> str:
 def use_torch_thread_count() -> int:
     """Size TVM's CPU thread pool like torch's, unless TVM_NUM_THREADS is set. Returns it.
 
+    TVM's pool only runs the kernels where openmp_pool.py could not move them onto torch's
+    OpenMP threads (no C compiler, no OpenMP runtime, MOECC_TVM_THREAD_POOL=tvm).
+
     TVM sizes its pool, when it first starts, from the cores it detects, which on some
     VMs is 1 while torch (and the user's `torch.set_num_threads`) uses all of them. The
     pool reads TVM_NUM_THREADS at start-up (`runtime.config_threadpool` afterwards did
