@@ -1,32 +1,47 @@
 """The two grouped GEMMs of kernels_llvm.py for packed int8 / int4 expert weights (llvm).
 
 Same tasks, blocks, epilogues and entry-point names as kernels_llvm.py (read its
-docstring first); only the weight load differs. Weights arrive in the layout of
-backends/reference/quantized.py:
+docstring first); the weight load and the activations' layout differ. Weights arrive in
+the layout of backends/reference/quantized.py:
 
     gate_up  uint8 [E, 2, N, K/P]   scales fp32 [E, 2, N, K/G]
     down     uint8 [E, K, N/P]      scales fp32 [E, K, N/G]
 
 P = 1 (int8, q + 128) or 2 (int4, q + 8, low nibble = even column); G the group size
-(the whole row when the spec says 0). Dequantisation is fused into the inner loop:
-each `vec`-lane step reads vec/P contiguous bytes, widens them to fp32, subtracts the
-implied zero point and multiplies by the one scale of its group (vec divides G, so a
-step never straddles two groups; the scale is a broadcast scalar). Why not accumulate
-per group and scale at the group's end: that needs a second register array per output
-and a reduction at every group boundary, while one extra multiply per weight is free
-in a loop bound by reading the weights (1 or 0.5 bytes per multiply-add here, against
-2-4 dense).
+(the whole row when the spec says 0). Decode is bound by arithmetic here, not by bytes
+(int4 reads a quarter of bf16's), so the inner loop is kept to the fewest vector
+instructions per weight:
 
-int4: a step's vec/2 bytes hold columns c0 .. c0+vec-1 as (even, odd) nibble pairs.
-The low nibbles (even columns) accumulate into lanes [0, vec/2), the high nibbles (odd
-columns) into lanes [vec/2, vec); the activations are read at stride 2 to match. The
-lane sum in the epilogue makes the lane order irrelevant.
+- A step reads V bytes of a row (V fp32 lanes): V columns for int8, 2V for int4. The
+  bytes are widened to int32, the zero point subtracted in integers (int4: the low
+  nibble by a mask, the high one by a shift), converted to fp32 and multiply-added.
+  No per-weight scale: each group's products accumulate into their own registers, and
+  the group's scale multiplies them once at the group's end (acc += s_g * part_g).
+- Activations are fp32 in the order the weights' bytes hold their columns, so every
+  activation load is a contiguous vector: for int4, inside each chunk of 2V columns the
+  even columns come first, then the odd ones (`int4_column_order`). The caller permutes
+  the token rows once per call (op.py); the gate/up kernel writes its activated rows in
+  that order, so the down kernel reads them as they are. For int8 the order is the
+  identity.
+
+So G must be a multiple of P*V (config fitting in op.py ensures it), and the register
+budget is four BM x TN x V arrays in the gate/up kernel (gate, up, and their group
+partials), two in the down kernel.
 """
 
 from __future__ import annotations
 
 from moecc.backends.tvm.key import KernelKey
 from moecc.backends.tvm.tir_scalars import ScalarOps
+
+
+def int4_column_order(columns: int, vec: int):
+    """Position of each column in the activation order the int4 kernels read (a list).
+
+    Inside each chunk of 2*vec columns, column 2i goes to i and 2i+1 to vec+i, matching a
+    step's vec bytes whose low nibbles hold the even and high nibbles the odd columns.
+    """
+    return [(c // (2 * vec)) * 2 * vec + (c % 2) * vec + (c % (2 * vec)) // 2 for c in range(columns)]
 
 
 def quantized_gemms(key: KernelKey):
@@ -36,30 +51,39 @@ def quantized_gemms(key: KernelKey):
 
     cfg = key.config
     E, N, K = key.num_experts, key.n, key.k
-    BM, TN, TK, V = cfg.block_m, cfg.tile_n, cfg.tile_k, cfg.vec
+    BM, TN, TK, V, PF = cfg.block_m, cfg.tile_n, cfg.tile_k, cfg.vec, cfg.prefetch
     DT = key.dtype
     P = 2 if key.weight_format == "int4" else 1
-    Z = 8.0 if key.weight_format == "int4" else 128.0
+    Z = 8 if key.weight_format == "int4" else 128
     G_GU = key.group_size or K  # gate_up groups run along K
     G_DN = key.group_size or N  # down groups run along N
-    VH = V // P  # bytes per step
+    S = P * V  # columns per step
     N_TILES, K_TILES = N // TN, K // TK
-    assert N % TN == 0 and K % TK == 0 and G_GU % V == 0 and G_DN % V == 0 and V % P == 0, "config not fitted"
+    assert N % TN == 0 and K % TK == 0 and G_GU % S == 0 and G_DN % S == 0, "config not fitted"
     ACC = "global"  # stack arrays: see kernels_llvm.py
 
     ops = ScalarOps(key)
-    f32, act = ops.f32, ops.act
+    act = ops.act
     gate_up_bias, down_bias = ops.gate_up_bias, ops.down_bias
 
-    zero = tirx.const(Z, "float32")
+    def prefetch(buffer, *index):  # as in kernels_llvm.py
+        return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(buffer[index]),
+                                  T.int32(0), T.int32(3), T.int32(1))
 
-    def lo(byte):  # the weight value of an int8 byte, or of an int4 byte's low nibble (fp32)
-        if P == 1:
-            return tirx.Cast("float32", byte) - zero
-        return tirx.Cast("float32", tirx.bitwise_and(byte, tirx.const(15, "uint8"))) - zero
+    def lo(byte):  # int8: the value; int4: the low nibble (even column); fp32
+        w32 = tirx.Cast("int32", byte)
+        if P == 2:
+            w32 = tirx.bitwise_and(w32, tirx.const(15, "int32"))
+        return tirx.Cast("float32", w32 - tirx.const(Z, "int32"))
 
     def hi(byte):  # int4: the high nibble (odd column)
-        return tirx.Cast("float32", tirx.shift_right(byte, tirx.const(4, "uint8"))) - zero
+        return tirx.Cast("float32", tirx.shift_right(tirx.Cast("int32", byte), tirx.const(4, "int32"))
+                         - tirx.const(Z, "int32"))
+
+    def a_col(n):  # where the activated column n is stored (the order the down GEMM reads)
+        if P == 1:
+            return n
+        return (n // (2 * V)) * (2 * V) + (n % 2) * V + (n % (2 * V)) // 2
 
     @T.prim_func
     def moe_gate_up_act(x_h: T.handle, ex_h: T.handle, ptr_h: T.handle, w_h: T.handle, s_h: T.handle,
@@ -68,16 +92,18 @@ def quantized_gemms(key: KernelKey):
         nb = T.int64()
         u = T.int64()
         eb = T.int64()
-        x = T.match_buffer(x_h, (nb, BM, K), DT)  # [NB, BM, K] token rows, grouped by expert
+        x = T.match_buffer(x_h, (nb, BM, K), "float32")  # [NB, BM, K] token rows, int4 column order
         experts = T.match_buffer(ex_h, (u,), "int32")  # [U]
         ptr = T.match_buffer(ptr_h, (u + 1,), "int32")  # [U+1]
         w = T.match_buffer(w_h, (E, 2, N, K // P), "uint8")  # [E, 2N, K/P] packed gate/up
         s = T.match_buffer(s_h, (E, 2, N, K // G_GU), "float32")  # [E, 2N, K/G] scales
         bias = T.match_buffer(bias_h, (eb, 2, N), DT)  # [E, 2N] or a [1, 2N] placeholder
-        a = T.match_buffer(out_h, (nb, BM, N), "float32")  # [NB, BM, N] activated rows
+        a = T.match_buffer(out_h, (nb, BM, N), "float32")  # [NB, BM, N] activated rows, int4 order
         for it in T.parallel(N_TILES * u):
             acc_g = T.alloc_buffer((BM, TN, V), "float32", scope=ACC)
             acc_u = T.alloc_buffer((BM, TN, V), "float32", scope=ACC)
+            part_g = T.alloc_buffer((BM, TN, V), "float32", scope=ACC)  # this group's sums
+            part_u = T.alloc_buffer((BM, TN, V), "float32", scope=ACC)
             lanes = T.alloc_buffer((2,), "float32", scope=ACC)
             nt: T.let[T.int64] = it % N_TILES
             ui: T.let[T.int64] = it // N_TILES
@@ -88,20 +114,35 @@ def quantized_gemms(key: KernelKey):
                         for v in T.vectorized(V):
                             acc_g[m, j, v] = T.float32(0)
                             acc_u[m, j, v] = T.float32(0)
-                for ko in range(K // V):
+                for g in range(K // G_GU):
                     for m in T.unroll(BM):
                         for j in T.unroll(TN):
-                            for v in T.vectorized(VH):
-                                acc_g[m, j, v] = acc_g[m, j, v] + f32(x[b, m, ko * V + P * v]) * lo(
-                                    w[e, 0, nt * TN + j, ko * VH + v]) * s[e, 0, nt * TN + j, ko * V // G_GU]
-                                acc_u[m, j, v] = acc_u[m, j, v] + f32(x[b, m, ko * V + P * v]) * lo(
-                                    w[e, 1, nt * TN + j, ko * VH + v]) * s[e, 1, nt * TN + j, ko * V // G_GU]
-                            if P == 2:
-                                for v in T.vectorized(VH):
-                                    acc_g[m, j, VH + v] = acc_g[m, j, VH + v] + f32(x[b, m, ko * V + 2 * v + 1]) * hi(
-                                        w[e, 0, nt * TN + j, ko * VH + v]) * s[e, 0, nt * TN + j, ko * V // G_GU]
-                                    acc_u[m, j, VH + v] = acc_u[m, j, VH + v] + f32(x[b, m, ko * V + 2 * v + 1]) * hi(
-                                        w[e, 1, nt * TN + j, ko * VH + v]) * s[e, 1, nt * TN + j, ko * V // G_GU]
+                            for v in T.vectorized(V):
+                                part_g[m, j, v] = T.float32(0)
+                                part_u[m, j, v] = T.float32(0)
+                    for ks in range(G_GU // S):
+                        if PF > 0:
+                            for j in T.unroll(TN):
+                                T.evaluate(prefetch(w, e, 0, nt * TN + j, (g * G_GU + ks * S) // P + PF))
+                                T.evaluate(prefetch(w, e, 1, nt * TN + j, (g * G_GU + ks * S) // P + PF))
+                        for m in T.unroll(BM):
+                            for j in T.unroll(TN):
+                                for v in T.vectorized(V):
+                                    part_g[m, j, v] = part_g[m, j, v] + x[b, m, g * G_GU + ks * S + v] * lo(
+                                        w[e, 0, nt * TN + j, (g * G_GU + ks * S) // P + v])
+                                    part_u[m, j, v] = part_u[m, j, v] + x[b, m, g * G_GU + ks * S + v] * lo(
+                                        w[e, 1, nt * TN + j, (g * G_GU + ks * S) // P + v])
+                                if P == 2:
+                                    for v in T.vectorized(V):
+                                        part_g[m, j, v] = part_g[m, j, v] + x[b, m, g * G_GU + ks * S + V + v] * hi(
+                                            w[e, 0, nt * TN + j, (g * G_GU + ks * S) // P + v])
+                                        part_u[m, j, v] = part_u[m, j, v] + x[b, m, g * G_GU + ks * S + V + v] * hi(
+                                            w[e, 1, nt * TN + j, (g * G_GU + ks * S) // P + v])
+                    for m in T.unroll(BM):
+                        for j in T.unroll(TN):
+                            for v in T.vectorized(V):
+                                acc_g[m, j, v] = acc_g[m, j, v] + part_g[m, j, v] * s[e, 0, nt * TN + j, g]
+                                acc_u[m, j, v] = acc_u[m, j, v] + part_u[m, j, v] * s[e, 1, nt * TN + j, g]
                 for m in T.unroll(BM):
                     for j in T.unroll(TN):
                         lanes[0] = gate_up_bias(bias, e, 0, nt * TN + j)
@@ -109,7 +150,7 @@ def quantized_gemms(key: KernelKey):
                         for v in T.unroll(V):
                             lanes[0] = lanes[0] + acc_g[m, j, v]
                             lanes[1] = lanes[1] + acc_u[m, j, v]
-                        a[b, m, nt * TN + j] = act(lanes[0], lanes[1])
+                        a[b, m, a_col(nt * TN + j)] = act(lanes[0], lanes[1])
 
     @T.prim_func
     def moe_down_weighted(a_h: T.handle, rw_h: T.handle, ex_h: T.handle, ptr_h: T.handle, w_h: T.handle,
@@ -118,7 +159,7 @@ def quantized_gemms(key: KernelKey):
         nb = T.int64()
         u = T.int64()
         eb = T.int64()
-        a = T.match_buffer(a_h, (nb, BM, N), "float32")  # [NB, BM, N] activated rows
+        a = T.match_buffer(a_h, (nb, BM, N), "float32")  # [NB, BM, N] activated rows, int4 order
         rw = T.match_buffer(rw_h, (nb, BM), "float32")  # [NB, BM] routing weight (0 on pads)
         experts = T.match_buffer(ex_h, (u,), "int32")  # [U]
         ptr = T.match_buffer(ptr_h, (u + 1,), "int32")  # [U+1]
@@ -128,6 +169,7 @@ def quantized_gemms(key: KernelKey):
         y = T.match_buffer(y_h, (nb, BM, K), "float32")  # [NB, BM, K] weighted rows
         for it in T.parallel(K_TILES * u):
             acc = T.alloc_buffer((BM, TK, V), "float32", scope=ACC)
+            part = T.alloc_buffer((BM, TK, V), "float32", scope=ACC)
             lanes = T.alloc_buffer((1,), "float32", scope=ACC)
             kt: T.let[T.int64] = it % K_TILES
             ui: T.let[T.int64] = it // K_TILES
@@ -137,16 +179,28 @@ def quantized_gemms(key: KernelKey):
                     for j in T.unroll(TK):
                         for v in T.vectorized(V):
                             acc[m, j, v] = T.float32(0)
-                for no in range(N // V):
+                for g in range(N // G_DN):
                     for m in T.unroll(BM):
                         for j in T.unroll(TK):
-                            for v in T.vectorized(VH):
-                                acc[m, j, v] = acc[m, j, v] + a[b, m, no * V + P * v] * lo(
-                                    w[e, kt * TK + j, no * VH + v]) * s[e, kt * TK + j, no * V // G_DN]
-                            if P == 2:
-                                for v in T.vectorized(VH):
-                                    acc[m, j, VH + v] = acc[m, j, VH + v] + a[b, m, no * V + 2 * v + 1] * hi(
-                                        w[e, kt * TK + j, no * VH + v]) * s[e, kt * TK + j, no * V // G_DN]
+                            for v in T.vectorized(V):
+                                part[m, j, v] = T.float32(0)
+                    for ns in range(G_DN // S):
+                        if PF > 0:
+                            for j in T.unroll(TK):
+                                T.evaluate(prefetch(w, e, kt * TK + j, (g * G_DN + ns * S) // P + PF))
+                        for m in T.unroll(BM):
+                            for j in T.unroll(TK):
+                                for v in T.vectorized(V):
+                                    part[m, j, v] = part[m, j, v] + a[b, m, g * G_DN + ns * S + v] * lo(
+                                        w[e, kt * TK + j, (g * G_DN + ns * S) // P + v])
+                                if P == 2:
+                                    for v in T.vectorized(V):
+                                        part[m, j, v] = part[m, j, v] + a[b, m, g * G_DN + ns * S + V + v] * hi(
+                                            w[e, kt * TK + j, (g * G_DN + ns * S) // P + v])
+                    for m in T.unroll(BM):
+                        for j in T.unroll(TK):
+                            for v in T.vectorized(V):
+                                acc[m, j, v] = acc[m, j, v] + part[m, j, v] * s[e, kt * TK + j, g]
                 for m in T.unroll(BM):
                     for j in T.unroll(TK):
                         lanes[0] = down_bias(bias, e, kt * TK + j)

@@ -71,15 +71,15 @@ def kernel_key(spec: MoELayerSpec, dtype: torch.dtype, target: TargetSpec, confi
 
 
 def _fit_groups(config, e_spec):
-    """Quantised GEMMs: vec must divide both group sizes (a step reads one scale) and be
-    even for int4 (a step reads whole bytes)."""
+    """Quantised GEMMs: a step reads vec bytes (vec columns for int8, 2*vec for int4) and
+    must stay inside one scale group, so vec * P must divide both group sizes."""
     import dataclasses
     import math
 
     n, k = e_spec.intermediate_size, e_spec.hidden_size
     span = math.gcd(e_spec.group_size or k, e_spec.group_size or n, n, k)
-    step = 2 if e_spec.weight_format == "int4" else 1
-    vec = max((d for d in range(step, min(config.vec, span) + 1, step) if span % d == 0), default=0)
+    per_byte = 2 if e_spec.weight_format == "int4" else 1
+    vec = max((d for d in range(1, config.vec + 1) if span % (d * per_byte) == 0), default=0)
     if not vec:
         raise ValueError(f"{e_spec.weight_format} weights with group size {e_spec.group_size} do not fit "
                          f"N={n}, K={k}; the precision pass should have kept this layer dense")
@@ -150,7 +150,9 @@ def run_kernels(kernels: KernelSet, key: KernelKey, hidden: torch.Tensor, weight
     dt = hidden.dtype if quantized else weights.gate_up.dtype
     dev = hidden.device
     rows = align_tokens_by_expert(topk_w, topk_ids, key.num_experts, bm)
-    x = hidden.to(dt)  # [T, K]
+    # Quantised GEMMs read fp32 token rows in the order their weight bytes hold columns.
+    x = _int4_ordered(hidden.float(), key.config.vec) if key.weight_format == "int4" else hidden.to(
+        torch.float32 if quantized else dt)  # [T, K]
     xg = x.index_select(0, rows.tok.flatten()).view(rows.num_blocks, bm, k)  # [NB, BM, K] rows by expert
     gate_up = weights.gate_up.contiguous().view(key.num_experts, 2, n, -1)  # [E', 2, N, K/P]
     down = weights.down.contiguous()  # [E', K, N/P]
@@ -172,3 +174,10 @@ def run_kernels(kernels: KernelSet, key: KernelKey, hidden: torch.Tensor, weight
         kernels.down_weighted(act, rows.row_weight, rows.experts, rows.block_ptr, down, d_bias, y)
     kernels.combine(y, rows.rows, out)
     return out.to(hidden.dtype)
+
+
+def _int4_ordered(x: torch.Tensor, vec: int) -> torch.Tensor:
+    """x [T, C] with each chunk of 2*vec columns reordered evens first, then odds
+    (kernels_llvm_quantized.int4_column_order)."""
+    t, c = x.shape
+    return x.view(t, c // (2 * vec), vec, 2).transpose(-1, -2).reshape(t, c)
