@@ -22,6 +22,7 @@ GROUP_SCORINGS = ("top2_sum", "max")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "swiglu_oai", "swiglu_softcap", "relu2")
 GATE_UP_LAYOUTS = ("concat", "interleaved", "separate")
 WEIGHT_FORMATS = ("dense", "int8", "int4")
+ACTIVATION_FORMATS = ("float", "int8")  # ExpertSpec.activations: kept as they are, or dynamic int8
 
 
 class SpecError(ValueError):
@@ -73,6 +74,11 @@ class RouterSpec:
     logits_in_fp32: bool = False
     select_on_logits: bool = False
     sparsemixer_eps: float = 0.0
+    masked_experts: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        # JSON gives a list; a tuple keeps the frozen spec hashable.
+        object.__setattr__(self, "masked_experts", tuple(self.masked_experts))
 
     def validate(self) -> None:
         if self.scoring not in SCORINGS:
@@ -91,6 +97,12 @@ class RouterSpec:
             raise SpecError("sparsemixer routing is defined for top_k=2 without groups or renormalisation")
         if self.has_correction_bias and self.scoring in ("topk_softmax", "sparsemixer"):
             raise SpecError(f"a score-correction bias is not defined for {self.scoring} scoring")
+        masked = self.masked_experts
+        if masked and (list(masked) != sorted(set(masked)) or masked[0] < 0 or masked[-1] >= self.num_experts
+                       or self.top_k > self.num_experts - len(masked) or self.scoring == "sparsemixer"):
+            raise SpecError(f"masked_experts {list(masked)} must be sorted unique ids below num_experts="
+                            f"{self.num_experts}, leave at least top_k={self.top_k} experts, and not be used "
+                            "with sparsemixer scoring")
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,10 @@ class ExpertSpec:
     only): gate_up and down are packed uint8 with fp32 scales per `group_size` values
     along the reduction axis (0: one group per row); the experts compute in the model's
     dtype on the dequantised weights (backends/reference/quantized.py).
+    `activations` "int8" (quantised weights only; w8a8 / w4a8): each expert's inputs (the
+    hidden states before gate_up, the activated rows before down) are quantised
+    dynamically to int8, symmetric, one scale per token row and weight group
+    (backends/reference/quantized.quantize_activations); "float" keeps them as they are.
     """
 
     hidden_size: int
@@ -145,6 +161,7 @@ class ExpertSpec:
     gated: bool = True
     weight_format: str = "dense"
     group_size: int = 0
+    activations: str = "float"
 
     @property
     def canonical(self) -> bool:
@@ -183,6 +200,9 @@ class ExpertSpec:
             raise SpecError("quantised expert weights need the canonical layout (run expert fusion first)")
         if self.group_size < 0 or (self.weight_format == "dense" and self.group_size):
             raise SpecError("group_size is a non-negative int, and only meaningful for quantised weights")
+        if self.activations not in ACTIVATION_FORMATS or (self.activations != "float" and self.weight_format == "dense"):
+            raise SpecError(f"activations {self.activations!r}: one of {ACTIVATION_FORMATS}, and 'int8' only "
+                            "with quantised (int8 / int4) weights")
 
 
 @dataclass(frozen=True)
@@ -223,6 +243,8 @@ class MoELayerSpec:
             parts.append("corr-bias")
         if r.select_on_logits:
             parts.append("select on logits")
+        if r.masked_experts:
+            parts.append(f"{len(r.masked_experts)} masked")
         if r.renormalize:
             parts.append("renorm")
         if r.routed_scaling_factor != 1.0:
@@ -235,7 +257,8 @@ class MoELayerSpec:
                          f"{' (fused)' if e.shared_fused else ''}")
         parts.append(f"layout={e.gate_up_layout}{'^T' if e.gate_up_transposed else ''}")
         if e.weight_format != "dense":
-            parts.append(f"{e.weight_format} {'g' + str(e.group_size) if e.group_size else 'per-row'}")
+            parts.append(f"{e.weight_format} {'g' + str(e.group_size) if e.group_size else 'per-row'}"
+                         f"{' a8' if e.activations == 'int8' else ''}")
         return ", ".join(parts)
 
 
@@ -268,6 +291,8 @@ def kernel_unsupported(spec: MoELayerSpec) -> list[str]:
         missing.append("selection on raw logits")
     if spec.router.renormalize_min:
         missing.append("renormalisation clamp")
+    if spec.router.masked_experts:
+        missing.append("masked (pruned) experts")
     if spec.experts.activation in ("gelu", "swiglu_softcap"):
         missing.append(f"{spec.experts.activation} activation")
     if spec.experts.shared_gated:

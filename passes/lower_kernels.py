@@ -82,6 +82,25 @@ def run(ctx: PassContext) -> PassResult:
             notes.append(f"{spec.source}: the {chosen} kernels do not read {spec.experts.weight_format} "
                          "weights yet; kept on the reference kernels")
             chosen = "reference"
+        elif chosen == "tvm" and spec.experts.activations == "int8" and _int8_activations_unfit(spec):
+            notes.append(f"{spec.source}: int8 activations: {_int8_activations_unfit(spec)}; "
+                         "kept on the reference kernels")
+            chosen = "reference"
         node.target = op_for_backend(chosen)
         counters[chosen] += 1
     return PassResult(NAME, counters, notes)
+
+
+def _int8_activations_unfit(spec: MoELayerSpec) -> str:
+    """Why the TVM integer-dot-product kernels cannot run this layer here ('' when they can)."""
+    from moecc.backends.tvm.build import host_has_vnni
+    from moecc.backends.tvm.config import TVMKernelConfig
+    from moecc.backends.tvm.op import fit_groups
+
+    if not host_has_vnni():
+        return "this CPU has no AVX512-VNNI"
+    try:
+        fit_groups(TVMKernelConfig(), spec.experts)
+    except ValueError as exc:
+        return str(exc)
+    return ""

@@ -28,7 +28,7 @@ from moecc.backends.reference.moe_layer import moe_layer as reference_moe_layer
 from moecc.backends.reference.quantized import group_fits, quantize_stack, sqnr_db
 from moecc.capture.report import PassResult
 from moecc.passes.context import PassContext
-from moecc.precision import PrecisionError, chain, describe
+from moecc.precision import PrecisionError, chain, describe, format_name
 from moecc.spec import MoELayerSpec
 from moecc.weights import MOE_WEIGHT_FIELDS, MoEWeights
 
@@ -57,7 +57,7 @@ def run(ctx: PassContext) -> PassResult:
         counters[cfg.weight_format] += 1
         counters["layers"] += 1
         counters["fallbacks"] += int(cfg is not config)
-        fmt_name = f"{cfg.weight_format} {'g' + str(cfg.group_size) if cfg.group_size else 'per-row'}"
+        fmt_name = format_name(cfg)
         notes.append(f"{name}: {fmt_name}: weight SQNR >= {measured[0]:.1f} dB, output SQNR {measured[1]:.1f} dB"
                      + (f" ({why})" if why else ""))
         sources = tuple(n.name if n is not None else None for n in arg_nodes.values())
@@ -67,10 +67,16 @@ def run(ctx: PassContext) -> PassResult:
                 new_args[field_name] = ctx.weights.get_attr(
                     ("quantized", field_name, cfg.weight_format, cfg.group_size or 0, sources),
                     lambda t=tensor: t, field_name)
-        lowered = spec.replace(experts={"weight_format": cfg.weight_format, "group_size": cfg.group_size or 0})
+        lowered = lowered_spec(spec, cfg)
         node.args = (node.args[0], *[new_args[f] for f in MOE_WEIGHT_FIELDS], lowered.to_json())
     counters["packed_kib"] = (ctx.weights.derived_bytes - before) // 1024
     return PassResult(NAME, counters, notes)
+
+
+def lowered_spec(spec: MoELayerSpec, cfg) -> MoELayerSpec:
+    """The layer spec once its experts are stored in cfg's format."""
+    return spec.replace(experts={"weight_format": cfg.weight_format, "group_size": cfg.group_size or 0,
+                                 "activations": cfg.activations})
 
 
 def _choose(spec: MoELayerSpec, weights: MoEWeights, config, seed: int):
@@ -82,7 +88,7 @@ def _choose(spec: MoELayerSpec, weights: MoEWeights, config, seed: int):
         return None, "weights on the meta device (nothing to measure)"
     k, n = spec.experts.hidden_size, spec.experts.intermediate_size
     for cfg in chain(config):
-        label = f"{cfg.weight_format}{' g' + str(cfg.group_size) if cfg.group_size else ''}"
+        label = format_name(cfg)
         misfit = group_fits(cfg.weight_format, k, cfg.group_size or 0) or \
             group_fits(cfg.weight_format, n, cfg.group_size or 0)
         if misfit:
@@ -122,7 +128,7 @@ def _output_sqnr(spec: MoELayerSpec, weights: MoEWeights, cfg, packed: dict, see
     gen = torch.Generator().manual_seed(1234 + seed)
     dtype = weights.gate_up.dtype
     x = torch.randn(PROBE_TOKENS, spec.experts.hidden_size, generator=gen).to(weights.gate_up.device, dtype)
-    lowered = spec.replace(experts={"weight_format": cfg.weight_format, "group_size": cfg.group_size or 0})
+    lowered = lowered_spec(spec, cfg)
     with torch.no_grad():
         y = reference_moe_layer(x, weights, spec)
         y_q = reference_moe_layer(x, weights._replace(**packed), lowered)

@@ -106,8 +106,22 @@ def expert_mlp(
     down_bias: Optional[torch.Tensor],  # [K]
     spec: ExpertSpec,
 ) -> torch.Tensor:
-    """One expert's gated MLP in the weights' dtype -> [t, K]."""
+    """One expert's gated MLP in the weights' dtype -> [t, K].
+
+    spec.activations "int8": x and the activated rows are fake-quantised (per row and
+    weight group, backends/reference/quantized.py) before their GEMMs, which then run in
+    fp32 on the (dequantised) weights: the values the integer kernels compute exactly.
+    """
     n = spec.intermediate_size
+    if spec.activations == "int8":
+        from moecc.backends.reference.quantized import fake_quantize_activations
+
+        x = fake_quantize_activations(x, spec.group_size)  # [t, K] fp32
+        h = torch.nn.functional.linear(x, gate_up.float(), None if gate_up_bias is None else gate_up_bias.float())
+        a = activation(h[:, :n], h[:, n:] if spec.gated else None, spec)  # [t, N] fp32
+        a = fake_quantize_activations(a, spec.group_size)
+        out = torch.nn.functional.linear(a, down.float(), None if down_bias is None else down_bias.float())
+        return out.to(gate_up.dtype)  # [t, K]
     h = torch.nn.functional.linear(x.to(gate_up.dtype), gate_up, gate_up_bias)  # [t, 2N] ([t, N] if not gated)
     a = activation(h[:, :n], h[:, n:] if spec.gated else None, spec)  # [t, N]
     return torch.nn.functional.linear(a, down, down_bias)  # [t, K]

@@ -11,6 +11,12 @@ R = K, C = N), C the reduction axis, G the group size (0 = C: one group per row)
     value   w[e, r, c] ~= (q[e, r, c] - Z) * scales[e, r, c // G]
 with the zero point Z implied by symmetric quantisation: Z = 128 for int8 (q - 128 in
 [-127, 127]) and Z = 8 for int4 (q - 8 in [-8, 7]; absmax maps to 7).
+
+Dynamic int8 activations (spec.experts.activations "int8", w8a8 / w4a8): an expert's
+input rows x [t, C] are quantised when they are used, per row and weight group:
+    s = absmax(x[t, group]) / 127,  xq = round(x / s) clamped to [-127, 127] (int8),
+and the expert computes with xq * s in place of x (`fake_quantize_activations`). The
+integer kernels compute the same products exactly as sum(xq * (q - Z)) * s * scale.
 """
 
 from __future__ import annotations
@@ -74,6 +80,26 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, fmt: str, dtype: torc
     groups = scales.shape[-1]
     w = values.reshape(*lead, groups, c // groups) * scales.float().unsqueeze(-1)  # [..., R, C/G, G]
     return w.reshape(*lead, c).to(dtype)
+
+
+def quantize_activations(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., C] (float) -> xq int8 [..., C], scales fp32 [..., C/G]; G = group_size or C."""
+    c = x.shape[-1]
+    g = group_size or c
+    if c % g:
+        raise ValueError(f"activation group {g} does not divide the reduction axis {c}")
+    groups = x.float().reshape(*x.shape[:-1], c // g, g)  # [..., C/G, G]
+    scales = groups.abs().amax(dim=-1, keepdim=True) / 127.0  # [..., C/G, 1]
+    # An all-zero group keeps scale 0; divide by 1 there (its values quantise to 0).
+    q = torch.round(groups / torch.where(scales > 0, scales, torch.ones_like(scales))).clamp(-127, 127)
+    return q.to(torch.int8).reshape(x.shape), scales.squeeze(-1)
+
+
+def fake_quantize_activations(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [..., C] -> the values the int8-activation kernels compute with (fp32): xq * s."""
+    q, scales = quantize_activations(x, group_size)
+    g = group_size or x.shape[-1]
+    return (q.float().reshape(*x.shape[:-1], -1, g) * scales.unsqueeze(-1)).reshape(x.shape)
 
 
 def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -26,6 +26,15 @@ def host_cpu_name() -> str:
     return str(tvm.get_global_func("target.llvm_get_system_cpu")())
 
 
+def host_has_vnni() -> bool:
+    """Whether this CPU has AVX512-VNNI (the integer dot products of kernels_llvm_vnni.py)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512_vnni" in line for line in f)
+    except OSError:  # not Linux: no way to tell without running the instruction; say no
+        return False
+
+
 def make_target(spec: TargetSpec):
     """The tvm.target.Target for a TargetSpec."""
     import tvm

@@ -20,6 +20,7 @@ from typing import Any, Callable, NamedTuple
 from moecc.backends.tvm.key import KernelKey
 
 ENTRY_POINTS = ("moe_gate_up_act", "moe_down_weighted", "moe_combine")
+OPTIONAL_ENTRY_POINTS = ("moe_quantize_x", "moe_quantize_act")  # int8 activations
 
 
 class KernelSet(NamedTuple):
@@ -28,6 +29,8 @@ class KernelSet(NamedTuple):
     combine: Any
     module: Any  # keeps the library loaded
     path: str  # where the module lives on disk
+    quantize_x: Any = None  # int8-activation modules only (kernels_llvm_vnni.py)
+    quantize_act: Any = None
 
 
 def cache_dir() -> Path:
@@ -47,7 +50,8 @@ def cubin_path(so_path: Path) -> Path:
 
 
 def kernel_set(module, path: str) -> KernelSet:
-    return KernelSet(*(module[name] for name in ENTRY_POINTS), module=module, path=path)
+    optional = [module[name] if module.implements_function(name) else None for name in OPTIONAL_ENTRY_POINTS]
+    return KernelSet(*(module[name] for name in ENTRY_POINTS), module, path, *optional)
 
 
 def open_module(path: Path, load: Callable[[str], Any]) -> KernelSet:

@@ -25,8 +25,9 @@ jumps to another expert and the prefetchers lose the stream); an expert without 
 has no blocks and no task, so its weights are never read. Accumulators are stack arrays
 small enough for TVM to alloca them (config.fitted), so LLVM keeps them in registers. Weights stay in their dtype and are widened to fp32 on load.
 Quantised expert stacks (key.weight_format int8 / int4) use the two GEMMs of
-kernels_llvm_quantized.py instead (dequantisation fused into the weight load); the
-combine is shared.
+kernels_llvm_quantized.py instead (dequantisation fused into the weight load), and with
+int8 activations those of kernels_llvm_vnni.py (integer dot products); the combine is
+shared.
 """
 
 from __future__ import annotations
@@ -170,9 +171,15 @@ def llvm_module(key: KernelKey):
                 for v in T.vectorized(V):
                     out[ti, kc * V + v] = to_dt(acc[v])
 
-    if key.weight_format != "dense":  # packed int8 / int4 weights: dequantising GEMMs
+    extra = {}
+    if key.activations == "int8":  # w8a8 / w4a8: integer dot products
+        from moecc.backends.tvm.kernels_llvm_vnni import vnni_gemms, vnni_quantizers
+
+        moe_gate_up_act, moe_down_weighted = vnni_gemms(key)
+        extra = dict(zip(("moe_quantize_x", "moe_quantize_act"), vnni_quantizers(key)))
+    elif key.weight_format != "dense":  # packed int8 / int4 weights: dequantising GEMMs
         from moecc.backends.tvm.kernels_llvm_quantized import quantized_gemms
 
         moe_gate_up_act, moe_down_weighted = quantized_gemms(key)
     return tvm.IRModule({"moe_gate_up_act": moe_gate_up_act, "moe_down_weighted": moe_down_weighted,
-                         "moe_combine": moe_combine})
+                         "moe_combine": moe_combine, **extra})

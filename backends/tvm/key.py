@@ -16,9 +16,9 @@ from pathlib import Path
 
 from moecc.backends.tvm.activation import ActivationSpec
 from moecc.backends.tvm.config import TVMKernelConfig
+from moecc.spec import ACTIVATION_FORMATS, WEIGHT_FORMATS
 
 DTYPES = ("float32", "float16", "bfloat16")
-WEIGHT_FORMATS = ("dense", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,15 @@ class KernelKey:
     target: TargetSpec
     weight_format: str = "dense"  # "dense" | "int8" | "int4": packed expert stacks (kernels_llvm_quantized.py)
     group_size: int = 0  # quantised: values per scale along the reduction axis (0: whole row)
+    activations: str = "float"  # "int8": dynamic int8 activations, integer dot products (kernels_llvm_vnni.py)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"TVM MoE kernels take dtypes {DTYPES}, not {self.dtype!r}")
         if self.weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"TVM MoE kernels take weight formats {WEIGHT_FORMATS}, not {self.weight_format!r}")
+        if self.activations not in ACTIVATION_FORMATS:
+            raise ValueError(f"TVM MoE kernels take activations {ACTIVATION_FORMATS}, not {self.activations!r}")
 
     def digest(self, tvm_version: str) -> str:
         """Stable hex name for the on-disk cache: every field, the TVM version and the
@@ -64,10 +67,11 @@ class KernelKey:
     def short_name(self) -> str:
         return (f"E{self.num_experts}_N{self.n}_K{self.k}_top{self.top_k}_{self.dtype}_{self.act.name}"
                 f"_{self.target.kind}{self.target.arch or ''}"
-                + ("" if self.weight_format == "dense" else f"_{self.weight_format}g{self.group_size}"))
+                + ("" if self.weight_format == "dense" else f"_{self.weight_format}g{self.group_size}")
+                + ("_a8" if self.activations == "int8" else ""))
 
 
-KERNEL_SOURCES = ("kernels_llvm.py", "kernels_llvm_quantized.py", "kernels_cuda.py", "activation.py", "config.py",
+KERNEL_SOURCES = ("kernels_llvm.py", "kernels_llvm_quantized.py", "kernels_llvm_vnni.py", "kernels_cuda.py", "activation.py", "config.py",
                   "tir_scalars.py")
 
 

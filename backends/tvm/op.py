@@ -52,7 +52,7 @@ def kernel_key(spec: MoELayerSpec, dtype: torch.dtype, target: TargetSpec, confi
     )
     config = resolved.config.fitted(target.kind, e_spec.intermediate_size, e_spec.hidden_size)
     if e_spec.weight_format != "dense":
-        config = _fit_groups(config, e_spec)
+        config = fit_groups(config, e_spec)
     key = KernelKey(
         num_experts=r_spec.num_experts + e_spec.num_shared,
         n=e_spec.intermediate_size,
@@ -66,19 +66,32 @@ def kernel_key(spec: MoELayerSpec, dtype: torch.dtype, target: TargetSpec, confi
         target=target,
         weight_format=e_spec.weight_format,
         group_size=e_spec.group_size,
+        activations=e_spec.activations,
     )
     return key, resolved.source
 
 
-def _fit_groups(config, e_spec):
-    """Quantised GEMMs: a step reads vec bytes (vec columns for int8, 2*vec for int4) and
-    must stay inside one scale group, so vec * P must divide both group sizes."""
+def fit_groups(config, e_spec):
+    """Quantised GEMMs: a step must stay inside one scale group.
+
+    Dequantising kernels (kernels_llvm_quantized.py): a step reads vec bytes, vec columns
+    for int8 and 2*vec for int4. Integer dot products (kernels_llvm_vnni.py): vec is the
+    int32 lanes of one VNNI instruction (16, 8 or 4), a step reads 4*vec bytes, and the
+    tile is capped so the four accumulator arrays of the gate/up kernel fit the 32
+    vector registers.
+    """
     import dataclasses
     import math
 
     n, k = e_spec.intermediate_size, e_spec.hidden_size
     span = math.gcd(e_spec.group_size or k, e_spec.group_size or n, n, k)
     per_byte = 2 if e_spec.weight_format == "int4" else 1
+    if e_spec.activations == "int8":
+        lanes = max((d for d in (16, 8, 4) if span % (4 * d * per_byte) == 0), default=0)
+        if not lanes:
+            raise ValueError(f"{e_spec.weight_format} weights with int8 activations need groups of a multiple "
+                             f"of {16 * per_byte} columns dividing N={n}, K={k} (group size {e_spec.group_size})")
+        return dataclasses.replace(config, vec=lanes, tile_n=max(1, min(config.tile_n, 4 // config.block_m)))
     vec = max((d for d in range(1, config.vec + 1) if span % (d * per_byte) == 0), default=0)
     if not vec:
         raise ValueError(f"{e_spec.weight_format} weights with group size {e_spec.group_size} do not fit "
@@ -150,10 +163,11 @@ def run_kernels(kernels: KernelSet, key: KernelKey, hidden: torch.Tensor, weight
     dt = hidden.dtype if quantized else weights.gate_up.dtype
     dev = hidden.device
     rows = align_tokens_by_expert(topk_w, topk_ids, key.num_experts, bm)
-    # Quantised GEMMs read fp32 token rows in the order their weight bytes hold columns.
-    x = _int4_ordered(hidden.float(), key.config.vec) if key.weight_format == "int4" else hidden.to(
-        torch.float32 if quantized else dt)  # [T, K]
-    xg = x.index_select(0, rows.tok.flatten()).view(rows.num_blocks, bm, k)  # [NB, BM, K] rows by expert
+    if key.activations != "int8":
+        # Quantised GEMMs read fp32 token rows in the order their weight bytes hold columns.
+        x = _int4_ordered(hidden.float(), key.config.vec) if key.weight_format == "int4" else hidden.to(
+            torch.float32 if quantized else dt)  # [T, K]
+        xg = x.index_select(0, rows.tok.flatten()).view(rows.num_blocks, bm, k)  # [NB, BM, K] rows by expert
     gate_up = weights.gate_up.contiguous().view(key.num_experts, 2, n, -1)  # [E', 2, N, K/P]
     down = weights.down.contiguous()  # [E', K, N/P]
     gu_bias = (weights.gate_up_bias.to(dt).contiguous().view(key.num_experts, 2, n)
@@ -164,7 +178,19 @@ def run_kernels(kernels: KernelSet, key: KernelKey, hidden: torch.Tensor, weight
     act = torch.empty(rows.num_blocks, bm, n, dtype=torch.float32, device=dev)  # [NB, BM, N]
     y = torch.empty(rows.num_blocks, bm, k, dtype=torch.float32, device=dev)  # [NB, BM, K]
     out = torch.empty(hidden.shape[0], k, dtype=dt, device=dev)  # [T, K]
-    if quantized:
+    if key.activations == "int8":
+        gu_scale = weights.gate_up_scale.float().contiguous().view(key.num_experts, 2, n, -1)  # [E', 2, N, K/G]
+        d_scale = weights.down_scale.float().contiguous()  # [E', K, N/G]
+        t = hidden.shape[0]
+        xq, xs, xz = _int8_buffers(t, k, key, dev)
+        kernels.quantize_x(hidden.contiguous(), xq, xs, xz)  # [T, K] int8 (int4: nibble order), scales, Z sums
+        kernels.gate_up_act(xq, xs, xz, rows.tok, rows.experts, rows.block_ptr, gate_up, gu_scale, gu_bias, act)
+        aq, a_s, az = _int8_buffers(rows.num_blocks * bm, n, key, dev)
+        kernels.quantize_act(act.view(-1, n), aq, a_s, az)  # act is already in the order down reads
+        shape = (rows.num_blocks, bm)
+        kernels.down_weighted(aq.view(*shape, n), a_s.view(*shape, -1), az.view(*shape, *az.shape[1:]),
+                              rows.row_weight, rows.experts, rows.block_ptr, down, d_scale, d_bias, y)
+    elif quantized:
         gu_scale = weights.gate_up_scale.float().contiguous().view(key.num_experts, 2, n, -1)  # [E', 2, N, K/G]
         d_scale = weights.down_scale.float().contiguous()  # [E', K, N/G]
         kernels.gate_up_act(xg, rows.experts, rows.block_ptr, gate_up, gu_scale, gu_bias, act)
@@ -181,3 +207,12 @@ def _int4_ordered(x: torch.Tensor, vec: int) -> torch.Tensor:
     (kernels_llvm_quantized.int4_column_order)."""
     t, c = x.shape
     return x.view(t, c // (2 * vec), vec, 2).transpose(-1, -2).reshape(t, c)
+
+
+def _int8_buffers(rows: int, columns: int, key: KernelKey, device):
+    """Empty xq int8 [R, C], scales fp32 [R, C/G], Z lane sums int32 [R, C/G, L] for the
+    quantising kernels (kernels_llvm_vnni.vnni_quantizers)."""
+    groups = columns // (key.group_size or columns)
+    return (torch.empty(rows, columns, dtype=torch.int8, device=device),
+            torch.empty(rows, groups, dtype=torch.float32, device=device),
+            torch.empty(rows, groups, key.config.vec, dtype=torch.int32, device=device))

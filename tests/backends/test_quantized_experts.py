@@ -139,3 +139,67 @@ def test_tvm_kernel_key_names_format_and_group():
     assert (packed.weight_format, packed.group_size) == ("int4", 16) and dense.weight_format == "dense"
     assert packed.digest("x") != dense.digest("x") and "int4g16" in packed.short_name()
     assert packed.config.vec % 2 == 0 and 16 % packed.config.vec == 0
+
+
+# --- int8 activations (w8a8 / w4a8): kernels_llvm_vnni.py -------------------------------
+
+def _needs_vnni():
+    from moecc.backends.tvm.build import host_has_vnni
+
+    if not host_has_vnni():
+        pytest.skip("this CPU has no AVX512-VNNI")
+
+
+def test_fake_quantized_activations_are_int8_times_row_group_scale():
+    from moecc.backends.reference.quantized import fake_quantize_activations, quantize_activations
+
+    x = torch.randn(5, 64)
+    x[2] = 0  # an all-zero row keeps scale 0 and quantises to exactly 0
+    q, s = quantize_activations(x, 16)
+    assert q.dtype == torch.int8 and s.shape == (5, 4) and q.abs().max() <= 127
+    assert torch.equal(q[2], torch.zeros(64, dtype=torch.int8)) and not torch.isnan(s).any()
+    for r in (0, 4):  # each group's absmax maps to +-127, the rest rounds to the nearest step
+        for g in range(4):
+            chunk = x[r, 16 * g:16 * g + 16]
+            assert torch.equal(q[r, 16 * g:16 * g + 16], torch.round(chunk / (chunk.abs().max() / 127)).to(torch.int8))
+    fq = fake_quantize_activations(x, 16)
+    assert (fq - x).abs().max() <= s.max() / 2 + 1e-6 and torch.equal(fq[2], x[2])
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize_activations(x, 48)
+
+
+def test_spec_accepts_int8_activations_only_with_quantised_weights():
+    spec, qspec, _, _ = quantized_layer(RouterSpec(8, 2), "int8", 32)
+    assert "a8" in qspec.replace(experts={"activations": "int8"}).describe()
+    with pytest.raises(SpecError, match="activations"):
+        spec.replace(experts={"activations": "int8"})
+    with pytest.raises(SpecError, match="activations"):
+        qspec.replace(experts={"activations": "fp8"})
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt,group,k,n", [("int8", 0, 64, 32), ("int8", 16, 64, 32), ("int4", 32, 64, 32),
+                                           ("int4", 128, 256, 128)])  # 16-, 4- and 8-lane dot products
+@pytest.mark.parametrize("tokens", [1, 7])  # one token (most experts empty); ragged
+def test_tvm_int8_activation_kernels_match_reference(dtype, fmt, group, k, n, tokens):
+    """The integer dot products equal the reference's fake-quantised fp32 math: the kernel
+    and the reference quantise the same rows the same way (exact integers), so only the
+    fp32 summation order differs."""
+    from moecc.backends.tvm import moe_layer
+
+    _needs_vnni()
+    torch.manual_seed(tokens)
+    spec, w = layer_factory.make_layer(RouterSpec(8, 2), k=k, n=n, dtype=dtype,
+                                       bias=fmt == "int4" and dtype == torch.float32)
+    gu, dn = quantize_rows(w.gate_up, fmt, group), quantize_rows(w.down, fmt, group)
+    qspec = spec.replace(experts={"weight_format": fmt, "group_size": group, "activations": "int8"})
+    qw = w._replace(gate_up=gu.packed, down=dn.packed, gate_up_scale=gu.scales, down_scale=dn.scales)
+    x = layer_factory.tie_free_hidden(qspec, qw, tokens, dtype)
+    out = moe_layer(x, qw, qspec, {"block_m": 2, "tile_n": 2, "tile_k": 2, "vec": 16, "red_tile": 32})
+    assert out.dtype == dtype and out.shape == x.shape
+    ref = reference.moe_layer(x.float(), qw, qspec)
+    check_close(out.float() if dtype == torch.float32 else out, ref.to(dtype), dtype)
+    # The quantisation is visible: the weight-only result differs by more than the tolerance.
+    weight_only = reference.moe_layer(x.float(), qw, qspec.replace(experts={"activations": "float"}))
+    assert (weight_only - ref).abs().max() > 1e-4

@@ -41,6 +41,10 @@ def test_options_parse_shorthands_dicts_and_configs():
     assert CompileOptions(precision="int4").precision == Int4WeightOnly(group_size=128)
     assert CompileOptions(precision={"format": "int4", "group_size": 32}).precision.group_size == 32
     assert CompileOptions(precision=None).precision is None and CompileOptions(precision="dense").precision is None
+    assert CompileOptions(precision="w8a8").precision == Int8WeightOnly(activations="int8")
+    w4a8 = CompileOptions(precision="w4a8").precision
+    assert w4a8.activations == "int8" and w4a8.fallback == Int8WeightOnly(activations="int8")
+    assert CompileOptions(precision={"format": "int4", "activations": "int8"}).precision.activations == "int8"
     cfg = Int4WeightOnly(group_size=64, fallback=None, strict=True)
     assert CompileOptions.from_torch_compile({"precision": cfg}).precision is cfg
 
@@ -49,6 +53,7 @@ def test_options_parse_shorthands_dicts_and_configs():
     ("fp8", "valid: None, 'dense', 'int8', 'int4'"),
     ({"format": "int4", "groupsize": 32}, "valid: group_size, min_weight_sqnr"),
     ({"format": "int2"}, "'format' one of"),
+    ({"format": "int8", "activations": "fp8"}, "activations must be one of"),
     (3, "must be None, a string"),
 ])
 def test_bad_precision_options_list_what_is_valid(value, message):
@@ -113,3 +118,31 @@ def test_lowering_binds_quantised_layers_to_tvm_on_cpu():
     ctx = context(ctx.gm, [], kernel_backend="tvm")
     result = lower_kernels.run(ctx)
     assert result.counters["tvm"] == 1
+
+
+def test_int8_activation_config_reaches_the_spec_and_the_report():
+    ctx, result, node, spec, weights, values = _lowered("w4a8")  # g128 misfits K = 64 -> w8a8
+    lowered = MoELayerSpec.from_json(node.args[-1])
+    assert (lowered.experts.weight_format, lowered.experts.activations) == ("int8", "int8")
+    assert any("int8 per-row a8: weight SQNR" in n for n in result.notes)
+    assert any("int4 g128 a8: group size 128 does not divide" in n for n in result.notes)
+    # The lowered layer computes the reference's fake-quantised math, not the weight-only one.
+    args = dict(zip(MOE_WEIGHT_FIELDS, node.args[1:-1]))
+    quantised = weights._replace(**{f: ctx.value(args[f]) for f in ("gate_up", "down", "gate_up_scale",
+                                                                     "down_scale")})
+    check_close(ctx.gm(*values), reference.moe_layer(values[0], quantised, lowered), torch.float32)
+    weight_only = reference.moe_layer(values[0], quantised, lowered.replace(experts={"activations": "float"}))
+    assert (ctx.gm(*values) - weight_only).abs().max() > 1e-5
+
+
+@pytest.mark.tvm
+def test_lowering_binds_int8_activation_layers_to_tvm_only_where_vnni_fits():
+    from moecc.backends.tvm.build import host_has_vnni
+
+    ctx, *_ = _lowered({"format": "int8", "group_size": 8, "activations": "int8"})  # 8 < one 16-byte step
+    result = lower_kernels.run(context(ctx.gm, [], kernel_backend="tvm"))
+    assert result.counters["reference"] == 1
+    assert any("int8 activations:" in n and "kept on the reference kernels" in n for n in result.notes)
+    ctx, *_ = _lowered("w8a8")
+    result = lower_kernels.run(context(ctx.gm, [], kernel_backend="tvm"))
+    assert result.counters["tvm" if host_has_vnni() else "reference"] == 1
