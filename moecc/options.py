@@ -43,6 +43,10 @@ class CompileOptions:
         None (keep them), "int8", "int4", a dict {"format": "int4", ...} or a config object
         (moecc.Int4WeightOnly(group_size=64)); each layer falls back down the config's
         chain where its accuracy bound is missed (reported), or raises with strict=True.
+    prune_experts: remove rarely used experts (passes/prune_experts.py, moecc/pruning.py,
+        docs/pruning.md): None, or {"stats": PATH or RoutingStats, "keep": 0.75,
+        "criterion": "reap" | "frequency" | "random", "protect_super_experts": True,
+        "seed": 0}; statistics that do not fit the model are an error, never ignored.
     mode: torch.compile's mode. torch.compile refuses `mode=` together with `options=`,
         so the mode may also be given as options={"mode": "reduce-overhead", ...}.
     report: a moecc.CompileReport the caller owns; every compiled graph appends what
@@ -59,6 +63,7 @@ class CompileOptions:
     report: Optional[Any] = field(default=None, compare=False)  # a moecc.CompileReport to fill
     mode: Optional[str] = None
     precision: Optional[Any] = None  # parsed to a moecc.precision config (or None)
+    prune_experts: Optional[Any] = None  # parsed to a moecc.pruning.PruneConfig (or None)
 
     def __post_init__(self) -> None:
         from moecc.precision import PrecisionError, parse_precision
@@ -67,6 +72,12 @@ class CompileOptions:
             object.__setattr__(self, "precision", parse_precision(self.precision))
         except PrecisionError as exc:
             raise OptionsError(f"moecc option 'precision': {exc}") from exc
+        from moecc.pruning import PruningError, parse_prune_config
+
+        try:
+            object.__setattr__(self, "prune_experts", parse_prune_config(self.prune_experts))
+        except PruningError as exc:
+            raise OptionsError(f"moecc option 'prune_experts': {exc}") from exc
         _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _choice("rest_of_graph", self.rest_of_graph, GRAPH_BACKENDS)
         _choice("mode", self.mode, MODES)

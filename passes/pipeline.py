@@ -1,10 +1,12 @@
 """The pass pipeline: an explicit, ordered list. Order matters; each pass states why.
 
 1. expert_fusion       canonical layouts + shared experts folded (kernels need it)
-2. precision_lowering  options.precision: expert stacks packed int8 / int4 (needs the
+2. prune_experts       options.prune_experts: drop rarely used experts (needs the canonical
+                       stacks; before precision and lowering, which then see fewer experts)
+3. precision_lowering  options.precision: expert stacks packed int8 / int4 (needs the
                        canonical layout; before lowering, which picks kernels by format)
-3. lower_kernels       bind layers to Triton / TVM / reference ops (needs canonical layouts)
-4. decode_gemv         CPU batch-1 decode: one-row bf16 linears as torch.mv (after capture)
+4. lower_kernels       bind layers to Triton / TVM / reference ops (needs canonical layouts)
+5. decode_gemv         CPU batch-1 decode: one-row bf16 linears as torch.mv (after capture)
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from __future__ import annotations
 import os
 
 from moecc.capture.report import PassResult
-from moecc.passes import decode_gemv, expert_fusion, lower_kernels, precision_lowering
+from moecc.passes import decode_gemv, expert_fusion, lower_kernels, precision_lowering, prune_experts
 from moecc.passes.context import PassContext
 
-PIPELINE = (expert_fusion, precision_lowering, lower_kernels, decode_gemv)
+PIPELINE = (expert_fusion, prune_experts, precision_lowering, lower_kernels, decode_gemv)
 
 
 def run_pipeline(ctx: PassContext, graph_index: int = 0) -> list[PassResult]:

@@ -7,7 +7,8 @@ g = 1, or sigmoid(x[t] @ shared_expert_gate^T) for gated shared experts (Qwen2-M
 Routing in fp32 (backends/reference/routing.py); each expert's MLP in the weights'
 dtype, as the models' eager code does; the weighted sum accumulates in fp32 and is cast
 to the input dtype once. A loop over the experts that received tokens: slow, simple, and
-it reads no weight of an expert without tokens.
+it reads no weight of an expert without tokens. Masked experts (RouterSpec.masked_experts,
+left by pruning) are never selected and have no rows in the expert stacks.
 
 Quantised experts (spec.experts.weight_format "int8" / "int4"): each expert's packed
 weights are dequantised (backends/reference/quantized.py) to the hidden states' dtype
@@ -20,7 +21,7 @@ import torch
 
 from moecc.backends.reference.experts import canonical_expert_weights, expert_mlp
 from moecc.backends.reference.quantized import dequantize
-from moecc.backends.reference.routing import route, router_logits
+from moecc.backends.reference.routing import route, router_logits, stack_index
 from moecc.spec import MoELayerSpec
 from moecc.weights import MoEWeights
 
@@ -33,6 +34,7 @@ def moe_layer(hidden: torch.Tensor, weights: MoEWeights, spec: MoELayerSpec) -> 
         )
     logits = router_logits(hidden, weights.router_weight, weights.router_bias, spec.router)  # [T, E]
     topk_weights, topk_ids = route(logits, spec.router, weights.correction_bias)  # [T, k] x2
+    topk_ids = stack_index(topk_ids, spec.router)  # stack rows: masked (pruned) experts have none
     experts = canonical_expert_weights(weights, spec.experts)
     if spec.experts.weight_format != "dense":
         experts = experts._replace(gate_up=_DequantizedStack(experts.gate_up, weights.gate_up_scale, spec, hidden.dtype),
@@ -62,7 +64,7 @@ def combine_experts(
 ) -> torch.Tensor:
     """Weighted sum of the selected experts' outputs plus the shared experts -> [T, K]."""
     t = hidden.shape[0]
-    num_routed = spec.router.num_experts
+    num_routed = spec.router.num_experts - len(spec.router.masked_experts)  # routed rows of the stack
     out = torch.zeros(t, hidden.shape[1], dtype=torch.float32, device=hidden.device)  # [T, K]
     for e in torch.unique(topk_ids).tolist():
         tok, slot = torch.nonzero(topk_ids == e, as_tuple=True)  # tokens routed to e

@@ -40,6 +40,8 @@ def route(
     if spec.scoring == "sparsemixer":
         weights, ids = _sparsemixer(logits, spec.sparsemixer_eps)
     elif spec.scoring == "topk_softmax":
+        if spec.masked_experts:  # softmax over the selected logits only: masking = deleting the rows
+            logits = logits.index_fill(-1, _ids(spec.masked_experts, logits.device), float("-inf"))
         top_logits, ids = torch.topk(logits, k, dim=-1)  # [T, k]
         weights = torch.softmax(top_logits, dim=-1)
     else:
@@ -52,6 +54,8 @@ def route(
         choice = logits if spec.select_on_logits else scores
         if correction_bias is not None:
             choice = choice + correction_bias.float().reshape(-1)  # bias steers selection only
+        if spec.masked_experts:  # pruned experts: scores kept for normalisation, never selected
+            choice = choice.index_fill(-1, _ids(spec.masked_experts, choice.device), float("-inf"))
         if spec.n_group > 1:
             choice = _mask_to_best_groups(choice, spec)
         ids = torch.topk(choice, k, dim=-1).indices  # [T, k]
@@ -64,6 +68,22 @@ def route(
     if spec.routed_scaling_factor != 1.0:
         weights = weights * spec.routed_scaling_factor
     return weights, ids
+
+
+def stack_index(ids: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """Router expert ids [T, k] -> rows of the expert stack, which lacks the masked experts."""
+    if not spec.masked_experts:
+        return ids
+    keep = torch.ones(spec.num_experts, dtype=torch.bool, device=ids.device)
+    keep[_ids(spec.masked_experts, ids.device)] = False
+    if not bool(keep[ids].all()):
+        raise ValueError("a masked expert was selected: fewer than top-k unmasked experts were eligible "
+                         "(group-limited routing needs enough unmasked experts in every group)")
+    return (torch.cumsum(keep.long(), 0) - 1)[ids]  # [T, k]
+
+
+def _ids(values, device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
 
 
 def _sparsemixer(logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
