@@ -77,8 +77,8 @@ def fit_groups(config, e_spec):
     Dequantising kernels (kernels_llvm_quantized.py): a step reads vec bytes, vec columns
     for int8 and 2*vec for int4. Integer dot products (kernels_llvm_vnni.py): vec is the
     int32 lanes of one VNNI instruction (16, 8 or 4), a step reads 4*vec bytes, and the
-    tile is capped so the four accumulator arrays of the gate/up kernel fit the 32
-    vector registers.
+    tiles are set as measured below (the four accumulator arrays of the gate/up kernel
+    must also fit the 32 vector registers).
     """
     import dataclasses
     import math
@@ -91,7 +91,13 @@ def fit_groups(config, e_spec):
         if not lanes:
             raise ValueError(f"{e_spec.weight_format} weights with int8 activations need groups of a multiple "
                              f"of {16 * per_byte} columns dividing N={n}, K={k} (group size {e_spec.group_size})")
-        return dataclasses.replace(config, vec=lanes, tile_n=max(1, min(config.tile_n, 4 // config.block_m)))
+        # Measured (2-core Xeon, 2026-12-03, E=128 N=768 K=2048 top-8, M=1, int4 g128 a8; the
+        # int8 layer is at read bandwidth with every tile): gate/up tile_n 2 0.55-0.65 ms vs
+        # tile_n 4 0.83-0.89; down tile_k 4 and prefetch 2 KiB ahead 1.32 ms per layer vs
+        # 1.41-1.75 for tile_k 1-2 and 256 B-1 KiB.
+        return dataclasses.replace(config, vec=lanes, tile_n=max(1, min(config.tile_n, 2 // config.block_m)),
+                                   tile_k=4 if config.block_m == 1 and k % 4 == 0 else config.tile_k,
+                                   prefetch=max(config.prefetch, 2048) if config.block_m == 1 else config.prefetch)
     vec = max((d for d in range(1, config.vec + 1) if span % (d * per_byte) == 0), default=0)
     if not vec:
         raise ValueError(f"{e_spec.weight_format} weights with group size {e_spec.group_size} do not fit "

@@ -1,0 +1,174 @@
+"""One MoE layer at Qwen3-30B-A3B widths on the CPU, every expert weight format side by side.
+
+    python -m moecc.bench.quantized_layer_cpu [--tokens 1 4 16] [--layers 3] [--json OUT]
+
+E = 128, N = 768, K = 2048, top-8, bf16 hidden states, moecc's TVM (llvm) op in each
+format: bf16 (dense), int8 per-row and int4 g128 weight-only (dequantised in the
+kernel), w8a8 and w4a8 g128 (int8 activations, integer dot products); and torch's own
+CPU weight-only matmuls applied expert by expert as the peer a torch user has
+(`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`, bf16). Weights are
+random (speed does not depend on values); `--layers` copies are cycled call by call and
+each call routes fresh hidden states, so weights come from DRAM as in a decode step.
+Floor: unique experts hit x bytes per expert (scales included) / the read bandwidth
+measured in the same run (moecc.roofline.cpu_read_bandwidth). Median of 2 x 24 calls.
+
+A benchmark, not a test: numbers go to docs/precision.md with the machine and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+E, N, K, TOP, GROUP = 128, 768, 2048, 8, 128
+FORMATS = ("bf16", "int8", "int4 g128", "w8a8", "w4a8 g128", "torch int8pack", "torch int4pack g128")
+
+
+def expert_bytes(name: str) -> int:
+    """Bytes one expert's three matrices occupy in `name`'s format (scales included)."""
+    values = 3 * N * K
+    if name == "bf16":
+        return values * 2
+    if name in ("int8", "w8a8"):
+        return values + 3 * N * 4 + 3 * K * 4  # per-row fp32 scales (gate, up, down rows)
+    if name == "torch int8pack":
+        return values + (2 * N + K) * 2  # bf16 per-row scales
+    if name == "torch int4pack g128":
+        return values // 2 + values // GROUP * 4  # bf16 scale + zero per group
+    return values // 2 + values // GROUP * 4  # int4 g128: fp32 scales
+
+
+def _tvm_layers(layers: int, gen: torch.Generator):
+    """{format: [(weights, spec)] * layers}; packed stacks shared between weight-only and a8."""
+    from moecc.spec import ExpertSpec, MoELayerSpec, RouterSpec
+    from moecc.weights import make_weights
+
+    router = RouterSpec(E, TOP, renormalize=True)
+    out = {name: [] for name in ("bf16", "int8", "int4 g128", "w8a8", "w4a8 g128")}
+    for _ in range(layers):
+        rw = (torch.randn(E, K, generator=gen) * K ** -0.5).to(torch.bfloat16)
+        dense = make_weights(router_weight=rw,
+                             gate_up=(torch.randn(E, 2 * N, K, generator=gen) * 0.02).to(torch.bfloat16),
+                             down=(torch.randn(E, K, N, generator=gen) * 0.02).to(torch.bfloat16))
+        out["bf16"].append((dense, MoELayerSpec(router, ExpertSpec(K, N))))
+        for fmt, group, names in (("int8", 0, ("int8", "w8a8")), ("int4", GROUP, ("int4 g128", "w4a8 g128"))):
+            per = 2 if fmt == "int4" else 1
+            w = make_weights(
+                router_weight=rw,
+                gate_up=torch.randint(0, 256, (E, 2 * N, K // per), dtype=torch.uint8, generator=gen),
+                down=torch.randint(0, 256, (E, K, N // per), dtype=torch.uint8, generator=gen),
+                gate_up_scale=torch.rand(E, 2 * N, K // (group or K), generator=gen) * 1e-3,
+                down_scale=torch.rand(E, K, N // (group or N), generator=gen) * 1e-3)
+            for name, acts in zip(names, ("float", "int8")):
+                spec = MoELayerSpec(router, ExpertSpec(K, N, weight_format=fmt, group_size=group, activations=acts))
+                out[name].append((w, spec))
+    return out
+
+
+def _torch_peer_layers(layers: int, gen: torch.Generator, tvm_layers):
+    """torch's weight-only matmuls, per expert: {name: [(router weight, experts)] * layers}."""
+    out = {"torch int8pack": [], "torch int4pack g128": []}
+    for layer in range(layers):
+        rw = tvm_layers["bf16"][layer][0].router_weight
+        int8 = [(torch.randint(-127, 128, (2 * N, K), dtype=torch.int8, generator=gen),
+                 (torch.rand(2 * N, generator=gen) * 1e-3).to(torch.bfloat16),
+                 torch.randint(-127, 128, (K, N), dtype=torch.int8, generator=gen),
+                 (torch.rand(K, generator=gen) * 1e-3).to(torch.bfloat16)) for _ in range(E)]
+        out["torch int8pack"].append((rw, int8))
+        int4 = []
+        for _ in range(E):
+            gu = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                torch.randint(0, 16, (2 * N, K), dtype=torch.int32, generator=gen), 1)
+            dn = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                torch.randint(0, 16, (K, N), dtype=torch.int32, generator=gen), 1)
+            int4.append((gu, (torch.rand(K // GROUP, 2 * N, 2, generator=gen) * 1e-3).to(torch.bfloat16),
+                         dn, (torch.rand(N // GROUP, K, 2, generator=gen) * 1e-3).to(torch.bfloat16)))
+        out["torch int4pack g128"].append((rw, int4))
+    return out
+
+
+def _torch_peer_call(name: str, x: torch.Tensor, router_weight: torch.Tensor, experts) -> torch.Tensor:
+    """The MoE layer a torch user writes around the weight-only matmuls (softmax top-k, renorm)."""
+    probs = torch.softmax(torch.nn.functional.linear(x, router_weight).float(), dim=-1)  # [M, E]
+    w, ids = probs.topk(TOP, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    out = torch.zeros(x.shape[0], K, dtype=torch.float32)
+    for e in ids.unique().tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        xe = x[tok]
+        if name == "torch int8pack":
+            gu, gu_s, dn, dn_s = experts[e]
+            h = torch.ops.aten._weight_int8pack_mm(xe, gu, gu_s)
+            a = torch.nn.functional.silu(h[:, :N]) * h[:, N:]
+            y = torch.ops.aten._weight_int8pack_mm(a, dn, dn_s)
+        else:
+            gu, gu_sz, dn, dn_sz = experts[e]
+            h = torch.ops.aten._weight_int4pack_mm_for_cpu(xe, gu, GROUP, gu_sz)
+            a = torch.nn.functional.silu(h[:, :N]) * h[:, N:]
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, dn, GROUP, dn_sz)
+        out.index_add_(0, tok, y.float() * w[tok, slot, None])
+    return out.to(x.dtype)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+
+    import moecc.backends.tvm as tvm_backend
+    from moecc.backends.reference.routing import route, router_logits
+    from moecc.roofline import cpu_read_bandwidth
+
+    gen = torch.Generator().manual_seed(0)
+    print(f"building {args.layers} layers of weights per format ...", flush=True)
+    tvm_layers = _tvm_layers(args.layers, gen)
+    peers = _torch_peer_layers(args.layers, gen, tvm_layers)
+    bw = cpu_read_bandwidth(1.0)
+    print(f"threads {torch.get_num_threads()}, read bandwidth {bw / 1e9:.1f} GB/s", flush=True)
+    results = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "read_bandwidth": bw,
+               "shape": {"E": E, "N": N, "K": K, "top_k": TOP}, "rows": []}
+    for m in args.tokens:
+        xs = [torch.randn(m, K, generator=gen).to(torch.bfloat16) for _ in range(8)]
+        spec0 = tvm_layers["bf16"][0][1]
+        hit = statistics.mean(
+            int(torch.unique(route(router_logits(xs[i % 8], tvm_layers["bf16"][i % args.layers][0].router_weight,
+                                                 None, spec0.router), spec0.router)[1]).numel()) for i in range(24))
+        row = {"tokens": m, "experts_hit": hit, "formats": {}}
+        for name in FORMATS:
+            if name.startswith("torch"):
+                def call(i, name=name):
+                    rw, experts = peers[name][i % args.layers]
+                    _torch_peer_call(name, xs[i % 8], rw, experts)
+            else:
+                def call(i, name=name):
+                    w, spec = tvm_layers[name][i % args.layers]
+                    tvm_backend.moe_layer(xs[i % 8], w, spec)
+            for i in range(args.layers):
+                call(i)  # build / load kernels, first touch
+            times = []
+            for i in range(48):
+                t0 = time.perf_counter()
+                call(i)
+                times.append(time.perf_counter() - t0)
+            ms = statistics.median(times) * 1e3
+            floor = hit * expert_bytes(name) / bw * 1e3
+            row["formats"][name] = {"ms": ms, "floor_ms": floor, "fraction_of_floor": floor / ms}
+        base = row["formats"]["bf16"]["ms"]
+        print(f"M={m:2d} experts hit {hit:.1f}: " + "; ".join(
+            f"{name} {r['ms']:.2f} ms ({r['fraction_of_floor']:.0%}, {base / r['ms']:.2f}x)"
+            for name, r in row["formats"].items()), flush=True)
+        results["rows"].append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
