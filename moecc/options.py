@@ -47,6 +47,9 @@ class CompileOptions:
         docs/pruning.md): None, or {"stats": PATH or RoutingStats, "keep": 0.75,
         "criterion": "reap" | "frequency" | "random", "protect_super_experts": True,
         "seed": 0}; statistics that do not fit the model are an error, never ignored.
+    kv_rewrite: rewrite attention over the KV cache where it matches exactly: multi-head
+        latent attention (DeepSeek-V2/V3-style MLA) runs absorbed over the latent cache
+        (passes/mla_absorb.py, moecc/mla.py, docs/kv_cache.md); False leaves it as captured.
     mode: torch.compile's mode. torch.compile refuses `mode=` together with `options=`,
         so the mode may also be given as options={"mode": "reduce-overhead", ...}.
     report: a moecc.CompileReport the caller owns; every compiled graph appends what
@@ -60,6 +63,7 @@ class CompileOptions:
     dump_graphs: Optional[str] = None
     release_original_weights: bool = False
     decode_gemv: bool = True
+    kv_rewrite: bool = True
     report: Optional[Any] = field(default=None, compare=False)  # a moecc.CompileReport to fill
     mode: Optional[str] = None
     precision: Optional[Any] = None  # parsed to a moecc.precision config (or None)
@@ -81,7 +85,8 @@ class CompileOptions:
         _choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         _choice("rest_of_graph", self.rest_of_graph, GRAPH_BACKENDS)
         _choice("mode", self.mode, MODES)
-        for name in ("fuse_shared_experts", "verify_capture", "release_original_weights", "decode_gemv"):
+        for name in ("fuse_shared_experts", "verify_capture", "release_original_weights", "decode_gemv",
+                     "kv_rewrite"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"moecc option {name!r} must be True or False, got {getattr(self, name)!r}")
         from moecc.capture.report import CompileReport

@@ -6,7 +6,10 @@
 3. precision_lowering  options.precision: expert stacks packed int8 / int4 (needs the
                        canonical layout; before lowering, which picks kernels by format)
 4. lower_kernels       bind layers to Triton / TVM / reference ops (needs canonical layouts)
-5. decode_gemv         CPU batch-1 decode: one-row bf16 linears as torch.mv (after capture)
+5. mla_absorb          options.kv_rewrite: MLA attention absorbed over the latent cache
+                       (independent of the MoE passes; before decode_gemv, which must not
+                       see the kv_b_proj expansion it erases)
+6. decode_gemv         CPU batch-1 decode: one-row bf16 linears as torch.mv (after capture)
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ from __future__ import annotations
 import os
 
 from moecc.capture.report import PassResult
-from moecc.passes import decode_gemv, expert_fusion, lower_kernels, precision_lowering, prune_experts
+from moecc.passes import decode_gemv, expert_fusion, lower_kernels, mla_absorb, precision_lowering, prune_experts
 from moecc.passes.context import PassContext
 
-PIPELINE = (expert_fusion, prune_experts, precision_lowering, lower_kernels, decode_gemv)
+PIPELINE = (expert_fusion, prune_experts, precision_lowering, lower_kernels, mla_absorb, decode_gemv)
 
 
 def run_pipeline(ctx: PassContext, graph_index: int = 0) -> list[PassResult]:
