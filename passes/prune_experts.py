@@ -52,7 +52,7 @@ def run(ctx: PassContext) -> PassResult:
     if config is None:
         return PassResult(NAME, counters)
     nodes = [(node, MoELayerSpec.from_json(node.args[-1])) for node in ctx.moe_nodes()]
-    _check_fit(config, [spec for _, spec in nodes])
+    _check_fit(config, [spec for _, spec in nodes], _transformers_model_types(ctx.gm))
     groups = {s.source: (s.router.n_group, group_floor(s.router.n_group, s.router.topk_group, s.router.top_k,
                                                        s.router.group_scoring))
               for _, s in nodes if s.router.n_group > 1}
@@ -107,8 +107,15 @@ def _unsupported(spec: MoELayerSpec) -> str:
     return ""
 
 
-def _check_fit(config, specs: list[MoELayerSpec]) -> None:
-    """Every captured layer must have statistics of its shape; else nothing is pruned."""
+def _check_fit(config, specs: list[MoELayerSpec], model_types: set[str]) -> None:
+    """Every captured layer must have statistics of its shape, and the statistics the
+    model type of the graph's modules (where transformers defines them); else nothing is
+    pruned. Two models of one type and shape (e.g. two trainings) cannot be told apart
+    here: moecc.pruning.plan_for_model checks the model object itself."""
+    theirs = config.stats.fingerprint.model_type
+    if specs and model_types and theirs not in model_types:
+        raise PruningError(f"{config.stats_source}: statistics recorded on another model: model_type is {theirs!r} "
+                           f"in the statistics, {sorted(model_types)} in the compiled graph; calibrate this model")
     by_name = {layer.name: layer for layer in config.stats.layers}
     for spec in specs:
         layer = by_name.get(spec.source)
@@ -119,6 +126,19 @@ def _check_fit(config, specs: list[MoELayerSpec]) -> None:
             raise PruningError(f"{config.stats_source}: layer {spec.source}: statistics for {layer.experts} experts "
                                f"top-{layer.top_k}, the model's layer has {spec.router.num_experts} experts top-"
                                f"{spec.router.top_k}: recorded on another model; calibrate this model")
+
+
+def _transformers_model_types(gm) -> set[str]:
+    """model_type of every transformers module the graph was traced through (Dynamo's
+    nn_module_stack: transformers.models.<model_type>.modeling_<model_type>)."""
+    types = set()
+    for node in gm.graph.nodes:
+        for entry in (node.meta.get("nn_module_stack") or {}).values():
+            cls = entry[1] if isinstance(entry, tuple) and len(entry) > 1 else None
+            parts = str(getattr(cls, "__module__", "")).split(".")
+            if len(parts) > 3 and parts[:2] == ["transformers", "models"]:
+                types.add(parts[2])
+    return types
 
 
 def _rewrite(ctx: PassContext, node, spec: MoELayerSpec, kept: tuple[int, ...], removed: tuple[int, ...],

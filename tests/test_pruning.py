@@ -1,0 +1,181 @@
+"""Expert pruning end to end (moecc/pruning.py, options["prune_experts"]): option
+validation and bad statistics, the plan (criteria, super experts, top-k floor), and on the
+trained models: the compiled pruned model equals the eager model with the same experts
+masked, and pruning nothing is bit-identical to not pruning."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import moecc
+from moecc.options import CompileOptions, OptionsError
+from moecc.pruning import (PruningError, mask_experts, parse_prune_config, plan_for_model, plan_pruning,
+                           super_experts)
+from moecc.routing_stats import LayerStats, ModelFingerprint, RoutingStats
+from routing_fixtures import trained_model, trained_stats
+
+
+def _stats(counts, reap=None, max_activation=None, top_k=2, name="model.layers.0.mlp"):
+    e = len(counts)
+    tokens, rest = divmod(sum(counts), top_k)
+    assert not rest
+    layer = LayerStats(name, 0, e, top_k, tokens, list(counts), None, reap or [1.0] * e,
+                       max_activation or [1.0] * e, None)
+    return RoutingStats(ModelFingerprint("test", 1, [name], [e], [top_k]), [layer])
+
+
+@pytest.mark.parametrize("value,message", [
+    ({"keep": 0.5}, "'stats' is required"),
+    ({"stats": "S", "keep": 0}, "'keep' is the fraction of experts kept per layer, in (0, 1]; got 0"),
+    ({"stats": "S", "keep": 1.5}, "in (0, 1]; got 1.5"),
+    ({"stats": "S", "keep": -0.25}, "in (0, 1]; got -0.25"),
+    ({"stats": "S", "keep": float("nan")}, "in (0, 1]; got nan"),
+    ({"stats": "S", "keep": "half"}, "in (0, 1]; got 'half'"),
+    ({"stats": "S", "criterion": "l2"}, "'criterion' must be one of 'reap', 'frequency', 'random'"),
+    ({"stats": "S", "keeps": 0.5}, "unknown key(s) ['keeps']; valid keys: stats, keep"),
+    ({"stats": "S", "max_loss": 0.01}, "'max_loss' is not built into the pass yet"),
+    ({"stats": 3}, "'stats' must be a path or a moecc.RoutingStats"),
+    (0.75, "expected a dict"),
+])
+def test_bad_options_name_the_problem(value, message):
+    if isinstance(value, dict) and value.get("stats") == "S":
+        value = dict(value, stats=_stats([3, 1, 2, 2]))
+    with pytest.raises(OptionsError, match=r"moecc option 'prune_experts': .*" + _escape(message)):
+        CompileOptions(prune_experts=value)
+
+
+def _escape(text):
+    import re
+
+    return re.escape(text)
+
+
+def test_truncated_corrupted_and_missing_statistics_files(tmp_path):
+    good = tmp_path / "good.json"
+    _stats([3, 1, 2, 2]).save(str(good))
+    assert CompileOptions(prune_experts={"stats": str(good), "keep": 0.5}).prune_experts.keep == 0.5
+    text = good.read_text()
+    cases = {"truncated.json": (text[: len(text) // 2], "truncated or not JSON"),
+             "corrupted.json": (text.replace('"counts": [3, 1, 2, 2]', '"counts": [3, 1, 2]'),
+                                "3 counts for 4 experts; the file is corrupted"),
+             "other.json": (json.dumps({"format": "something"}), "not a moecc routing-statistics file")}
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_text(content)
+        with pytest.raises(OptionsError, match=_escape(message)):
+            CompileOptions(prune_experts={"stats": str(tmp_path / name), "keep": 0.5})
+    with pytest.raises(OptionsError, match="no such statistics file"):
+        CompileOptions(prune_experts={"stats": str(tmp_path / "absent.json")})
+
+
+def test_counts_only_statistics_refuse_reap_but_allow_frequency():
+    stats = _stats([3, 1, 2, 2])
+    stats.layers[0].reap = None
+    with pytest.raises(PruningError, match="no REAP scores"):
+        parse_prune_config({"stats": stats, "criterion": "reap"})
+    assert parse_prune_config({"stats": stats, "criterion": "frequency"}).criterion == "frequency"
+
+
+def test_plan_removes_the_lowest_scores_and_respects_floors():
+    counts = [40, 2, 30, 6, 10, 4, 6, 2]  # sums to 100 = 50 tokens x top-2
+    reap = [1.0, 9.0, 2.0, 0.5, 3.0, 8.0, 0.1, 7.0]
+    stats = _stats(counts, reap)
+    freq = plan_pruning(stats, parse_prune_config({"stats": stats, "keep": 0.75, "criterion": "frequency"}))
+    assert freq.layers[0].removed == (1, 7)  # fewest tokens; the tie 1/7 broken by id
+    by_reap = plan_pruning(stats, parse_prune_config({"stats": stats, "keep": 0.5, "criterion": "reap"}))
+    assert by_reap.layers[0].removed == (0, 2, 3, 6)
+    assert by_reap.layers[0].kept == (1, 4, 5, 7)
+    floor = plan_pruning(stats, parse_prune_config({"stats": stats, "keep": 0.01, "criterion": "reap"}))
+    assert len(floor.layers[0].kept) == 2 and "top_k=2 must stay" in floor.layers[0].note
+    r1, r2, r3 = (plan_pruning(stats, parse_prune_config({"stats": stats, "keep": 0.5, "criterion": "random",
+                                                           "seed": s})) for s in (0, 0, 1))
+    assert r1 == r2 and len(r1.layers[0].removed) == 4
+    assert r1 != r3 or r1.layers[0].removed != plan_pruning(stats, parse_prune_config(
+        {"stats": stats, "keep": 0.5, "criterion": "random", "seed": 2})).layers[0].removed
+
+
+def test_super_experts_are_protected_unless_asked_not_to():
+    counts = [40, 2, 30, 6, 10, 4, 6, 2]
+    act = [1.0, 1.2, 0.9, 1.1, 1.0, 1.0, 1.0, 50.0]  # expert 7: 50x the median
+    stats = _stats(counts, max_activation=act)
+    assert super_experts(stats.layers[0]) == [7]
+    protected = plan_pruning(stats, parse_prune_config({"stats": stats, "keep": 0.75, "criterion": "frequency"}))
+    assert 7 not in protected.layers[0].removed and protected.layers[0].protected == (7,)
+    assert protected.layers[0].removed == (1, 5)
+    bare = plan_pruning(stats, parse_prune_config({"stats": stats, "keep": 0.75, "criterion": "frequency",
+                                                   "protect_super_experts": False}))
+    assert bare.layers[0].removed == (1, 7)
+
+
+# --- trained models ---------------------------------------------------------------------
+
+def _ids():
+    from moecc.eval_data import domain_windows, load_texts
+    from moecc.models import HELDOUT_DIR
+
+    return domain_windows(load_texts(HELDOUT_DIR), 128, 1024)["english"][:2]  # [2, 128]
+
+
+@pytest.mark.parametrize("name,how", [("qwen3-moe-stdlib", "rows_deleted"), ("deepseek-v3-stdlib", "masked")])
+def test_compiled_pruned_model_equals_eager_masked_model(name, how):
+    model, stats = trained_model(name), trained_stats(name)
+    option = {"stats": stats, "keep": 0.75, "criterion": "reap"}
+    report = moecc.CompileReport()
+    compiled = torch.compile(model, backend="moecc", options={
+        "prune_experts": option, "report": report, "kernel_backend": "reference", "rest_of_graph": "eager"})
+    ids = _ids()
+    plan = plan_for_model(model, parse_prune_config(option))
+    with torch.no_grad():
+        got = compiled(input_ids=ids).logits
+        with mask_experts(model, plan):
+            want = model(input_ids=ids).logits
+        unpruned = model(input_ids=ids).logits
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got - unpruned).abs().max() > 0.1  # the plan changed the model
+    moe_layers = len(stats.layers)
+    assert report.pass_counter("prune_experts", how) == moe_layers
+    assert report.pass_counter("prune_experts", "experts_removed") == plan.removed_experts == 4 * moe_layers
+    text = report.format()
+    assert "removed 4/16 experts" in text and "KiB of expert weights saved" in text
+
+
+def test_pruning_nothing_is_bit_identical_to_not_pruning():
+    model, stats = trained_model("qwen3-moe-stdlib"), trained_stats("qwen3-moe-stdlib")
+    ids = _ids()
+    base = {"kernel_backend": "reference", "rest_of_graph": "eager"}
+    with torch.no_grad():
+        plain = torch.compile(model, backend="moecc", options=base)(input_ids=ids).logits
+        torch._dynamo.reset()
+        kept = torch.compile(model, backend="moecc", options={**base, "prune_experts": {
+            "stats": stats, "keep": 1.0}})(input_ids=ids).logits
+    torch._dynamo.reset()
+    assert torch.isfinite(plain).all() and torch.equal(plain, kept)
+
+
+def test_statistics_of_another_model_are_an_error():
+    qwen_stats, deepseek = trained_stats("qwen3-moe-stdlib"), trained_model("deepseek-v3-stdlib")
+    config = parse_prune_config({"stats": qwen_stats, "keep": 0.75})
+    with pytest.raises(PruningError, match="statistics recorded on another model: model_type is 'qwen3_moe'"):
+        plan_for_model(deepseek, config)
+    compiled = torch.compile(deepseek, backend="moecc", options={
+        "prune_experts": {"stats": qwen_stats, "keep": 0.75}, "kernel_backend": "reference",
+        "rest_of_graph": "eager"})
+    with pytest.raises(Exception, match=r"recorded on another model: model_type is 'qwen3_moe' in the statistics, "
+                                        r"\['deepseek_v3'\] in the compiled graph"):
+        with torch.no_grad():
+            compiled(input_ids=_ids())
+    torch._dynamo.reset()
+
+
+def test_mask_experts_restores_the_model():
+    model, stats = trained_model("deepseek-v3-stdlib"), trained_stats("deepseek-v3-stdlib")
+    plan = plan_for_model(model, parse_prune_config({"stats": stats, "keep": 0.5}))
+    bias = model.model.layers[1].mlp.gate.e_score_correction_bias
+    before = bias.clone()
+    with mask_experts(model, plan):
+        assert math.isinf(float(bias[plan.layers[0].removed[0]]))
+    assert torch.equal(bias, before)
