@@ -12,7 +12,7 @@ import importlib
 import sys
 
 COMMAND_MODULES = ("demo", "eval", "explain", "autotune", "bench", "doctor", "export", "coverage", "calibrate",
-                   "plan_placement")
+                   "plan_placement", "prune_eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
