@@ -45,6 +45,10 @@ def __getattr__(name: str):
         from moecc import routing_stats
 
         return getattr(routing_stats, name)
+    if name in ("export_onnx", "import_onnx"):
+        from moecc import onnx_export
+
+        return getattr(onnx_export, name)
     if name == "CompileOptions":
         from moecc.options import CompileOptions
 

@@ -1,4 +1,4 @@
-"""`moecc export`: build the TVM MoE kernels ahead of time into a folder that runs anywhere.
+"""`moecc export`: build the TVM MoE kernels ahead of time, or write the model as ONNX.
 
     moecc export --model qwen3-moe-tiny --target cuda --arch 90 --out DIR
     moecc export --model path/to/config.json --target cuda --arch 90 89 86 --out DIR
@@ -22,6 +22,13 @@ def register(subparsers) -> None:
         description="Compile the TVM MoE kernels for a model's MoE layer shape and write them, with a "
                     "manifest, to --out; load them with moecc.backends.tvm.load_kernels(DIR), which needs "
                     "only the TVM runtime.")
+    p.add_argument("--format", choices=["tvm", "onnx"], default="tvm",
+                   help="tvm: the MoE kernels as shared libraries (default); onnx: the whole model as ONNX "
+                        "with onnxruntime's fused MoE operators (needs pip install 'moecc[onnx]')")
+    p.add_argument("--precision", choices=["int8", "int4"], default=None,
+                   help="onnx only: lower the routed experts to int8 / int4 (QMoE), as options={'precision': ...}")
+    p.add_argument("--tokens-per-example", type=int, default=16, metavar="S",
+                   help="onnx only: sequence length of the example input (batch 2); dynamic in the file")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a built-in model name (see moecc.models) or a transformers config.json")
     src.add_argument("--shape", help="E=..,N=..,K=..,topk=.. (routed experts, intermediate, hidden, top-k)")
@@ -70,6 +77,8 @@ def parse_shape(text: str):
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.format == "onnx":
+        return export_onnx_main(args)
     try:
         from moecc.backends.tvm.runtime import tvm_importable
     except ImportError as exc:  # pragma: no cover - broken checkout
@@ -94,4 +103,47 @@ def main(args: argparse.Namespace) -> int:
     print(f"wrote {len(entries)} kernel module(s) and {manifest}")
     for e in entries:
         print(f"  {e['file']}" + (f"  + {e['cubin']}" if e["cubin"] else "") + f"  (T >= {e['min_tokens']})")
+    return 0
+
+
+def export_onnx_main(args: argparse.Namespace) -> int:
+    """`--format onnx`: the whole model (built-in name, trained name or trained folder) as ONNX."""
+    import os
+
+    if not args.model:
+        print("moecc export --format onnx needs --model (a built-in or trained model, or a trained folder)",
+              file=sys.stderr)
+        return 2
+    from moecc.onnx_export.export import require_onnx
+
+    try:
+        require_onnx()
+    except ImportError as exc:
+        print(f"moecc export: {exc}", file=sys.stderr)
+        return 2
+    import torch
+
+    from moecc.models import build_model, load_config
+    from moecc.onnx_export import export_onnx
+    from moecc.onnx_export.export import OnnxExportError
+
+    try:
+        model = build_model(args.model)
+        vocab = int(load_config(args.model).vocab_size)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"moecc export: {exc}", file=sys.stderr)
+        return 2
+    model.config.use_cache = False  # one forward, logits out; no KV cache in the graph
+    # Batch 2: torch.export specialises size-1 dimensions, and both should stay dynamic.
+    example = torch.randint(0, vocab, (2, max(2, args.tokens_per_example)), generator=torch.Generator().manual_seed(0))
+    path = os.path.join(args.out, "model.onnx")
+    try:
+        report = export_onnx(model, (example,), path, precision=args.precision)
+    except OnnxExportError as exc:  # onnxruntime disagrees with PyTorch: an error, never a silent file
+        print(f"moecc export: {exc}", file=sys.stderr)
+        return 1
+    text = report.summary()
+    with open(os.path.join(args.out, "export_report.txt"), "w") as f:
+        f.write(text + "\n")
+    print(text)
     return 0
