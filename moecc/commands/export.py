@@ -27,6 +27,9 @@ def register(subparsers) -> None:
                         "with onnxruntime's fused MoE operators (needs pip install 'moecc[onnx]')")
     p.add_argument("--precision", choices=["int8", "int4"], default=None,
                    help="onnx only: lower the routed experts to int8 / int4 (QMoE), as options={'precision': ...}")
+    p.add_argument("--group-size", type=int, default=None, metavar="G",
+                   help="onnx only, with --precision: scales per G weights along the reduction axis "
+                        "(QMoE needs a power of two >= 16; default: the precision config's)")
     p.add_argument("--tokens-per-example", type=int, default=16, metavar="S",
                    help="onnx only: sequence length of the example input (batch 2); dynamic in the file")
     src = p.add_mutually_exclusive_group(required=True)
@@ -138,7 +141,10 @@ def export_onnx_main(args: argparse.Namespace) -> int:
     example = torch.randint(0, vocab, (2, max(2, args.tokens_per_example)), generator=torch.Generator().manual_seed(0))
     path = os.path.join(args.out, "model.onnx")
     try:
-        report = export_onnx(model, (example,), path, precision=args.precision)
+        precision = args.precision
+        if precision and args.group_size:
+            precision = {"format": precision, "group_size": args.group_size}
+        report = export_onnx(model, (example,), path, precision=precision)
     except OnnxExportError as exc:  # onnxruntime disagrees with PyTorch: an error, never a silent file
         print(f"moecc export: {exc}", file=sys.stderr)
         return 1

@@ -142,7 +142,8 @@ def _lower_precision(layers: list[FoundLayer], precision, report: ExportReport) 
         cfg, packed, (weight_sqnr, out_sqnr) = chosen
         spec = layer.spec.replace(experts={"weight_format": cfg.weight_format, "group_size": cfg.group_size or 0})
         report.notes.append(f"{layer.path}: {cfg.weight_format} {'g' + str(cfg.group_size) if cfg.group_size else 'per-row'}"
-                            f" (worst expert weight SQNR {weight_sqnr:.1f} dB, layer output {out_sqnr:.1f} dB)")
+                            f" (worst expert weight SQNR {weight_sqnr:.1f} dB, layer output {out_sqnr:.1f} dB)"
+                            + (f"; {why}" if why else ""))
         lowered.append(FoundLayer(layer.path, layer.module_class, spec, layer.weights._replace(**packed)))
     return lowered
 
