@@ -322,7 +322,7 @@ def _fallback_body(fn: _Function):
     tensors = [_example_tensor(shapes[f], f, spec) for f in fn.fields]
     hidden = torch.randn(3, k)
     dims = {"hidden": {0: torch.export.Dim("T", min=1)}, **{f"t{i}": None for i in range(len(fn.fields))}}
-    program = torch.onnx.export(DenseMoE(spec, fn.fields), (hidden, *tensors), dynamo=True,
+    program = torch.onnx.export(DenseMoE(spec, fn.fields).eval(), (hidden, *tensors), dynamo=True,
                                 dynamic_shapes=dims, verbose=False, optimize=True)
     sub = program.model_proto
     graph = sub.graph
