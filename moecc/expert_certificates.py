@@ -149,3 +149,70 @@ def certified_plan(model, certificates: dict[str, list[Certificate]]) -> PrunePl
         note = "; ".join(f"expert {c.expert}: {c.kind} ({c.detail})" for c in certs)
         layers.append(LayerPlan(name, int(block.gate.weight.shape[0]), tuple(c.expert for c in certs), (), note))
     return PrunePlan("certified", 1.0, tuple(layers))
+
+
+# --- in a compiled graph: the router input bound from the RMSNorm feeding the layer -------
+
+_SHAPE_METHODS = ("view", "reshape", "to", "contiguous", "float")
+ROUNDING_SLACK = 1.01  # R x 1.01: the norm's output rounded to bf16 is within 2^-8 of exact
+
+
+def graph_input_bound(hidden, value) -> float | None:
+    """sqrt(K) * max|g| x ROUNDING_SLACK when the layer's input `hidden` (an FX node) is
+    g * x * rsqrt(mean(x^2, -1) + eps) up to reshapes and casts, else None (no proof).
+
+    value(node) -> the real tensor of a placeholder / get_attr node (PassContext.value).
+    """
+    node = _through(hidden)
+    if not _call(node, "mul") or len(node.args) != 2:
+        return None
+    for g, y in (node.args, node.args[::-1]):
+        if not hasattr(g, "op") or g.op not in ("placeholder", "get_attr"):
+            continue
+        try:
+            weight = value(g)
+        except KeyError:
+            continue
+        if isinstance(weight, torch.Tensor) and weight.dim() == 1 and _is_normalised(_through(y)):
+            return rmsnorm_input_bound(weight) * ROUNDING_SLACK
+    return None
+
+
+def _is_normalised(node) -> bool:
+    """node == x * rsqrt(mean(x^2, -1) + eps) for one x (either operand order)."""
+    if not _call(node, "mul") or len(node.args) != 2:
+        return False
+    for x, r in (node.args, node.args[::-1]):
+        if not _call(r, "rsqrt") or not _call(r.args[0], "add"):
+            continue
+        for mean in r.args[0].args:
+            if _call(mean, "mean") and _last_dim(mean) and _call(mean.args[0], "pow") \
+                    and mean.args[0].args[1:2] == (2,) and mean.args[0].args[0] is x:
+                return True
+    return False
+
+
+def _last_dim(mean) -> bool:
+    dim = mean.args[1] if len(mean.args) > 1 else mean.kwargs.get("dim")
+    dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+    shape = getattr(mean.args[0].meta.get("example_value", None), "shape", None)
+    return dim == -1 or (shape is not None and dim == len(shape) - 1)
+
+
+def _through(node):
+    """Skip reshapes and dtype casts."""
+    while hasattr(node, "op") and (_call(node, "reshape") or (node.op == "call_method" and node.target in _SHAPE_METHODS)):
+        node = node.args[0]
+    return node
+
+
+def _call(node, name: str) -> bool:
+    """A call of torch.<name>, operator.<name>, Tensor.<name> or aten's <name>."""
+    if not hasattr(node, "op"):
+        return False
+    if node.op == "call_method":
+        return node.target == name
+    if node.op != "call_function":
+        return False
+    return getattr(node.target, "__name__", "") in (name, f"__{name}__") or \
+        str(getattr(node.target, "_name", "")).startswith(f"aten::{name}")

@@ -39,7 +39,7 @@ from moecc.routing_report import SUPER_FACTOR
 from moecc.routing_stats import LayerStats, RoutingStats, RoutingStatsError, load_stats
 
 CRITERIA = ("reap", "frequency", "random")
-CONFIG_KEYS = ("stats", "keep", "max_loss", "criterion", "protect_super_experts", "seed")
+CONFIG_KEYS = ("stats", "keep", "max_loss", "criterion", "protect_super_experts", "seed", "certified")
 
 
 class PruningError(ValueError):
@@ -48,14 +48,16 @@ class PruningError(ValueError):
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """options["prune_experts"], validated. `stats` is loaded and checked here."""
+    """options["prune_experts"], validated. `stats` is loaded and checked here; it is None
+    only with certified=True (remove the experts proven unreachable, nothing else)."""
 
-    stats: RoutingStats = field(compare=False, repr=False)
+    stats: Optional[RoutingStats] = field(compare=False, repr=False)
     keep: float = 1.0
     criterion: str = "reap"
     protect_super_experts: bool = True
     seed: int = 0
     stats_source: str = ""  # the path given, or "RoutingStats object"
+    certified: bool = False  # also remove experts moecc.expert_certificates proves unreachable
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,14 @@ def parse_prune_config(value: Any) -> Optional[PruneConfig]:
     if value.get("max_loss") is not None:
         raise PruningError("'max_loss' is not built into the pass yet: choose keep on held-out data with "
                            "moecc.pruning.keep_for_max_loss(model, stats, batches, max_loss) and pass 'keep'")
+    certified = value.get("certified", False)
+    if not isinstance(certified, bool):
+        raise PruningError(f"'certified' must be True or False, got {certified!r}")
     if "stats" not in value:
-        raise PruningError("'stats' is required: a statistics file from `moecc calibrate` or a RoutingStats")
+        if certified and value.get("keep", 1.0) == 1.0:
+            return PruneConfig(None, 1.0, certified=True, stats_source="certificates only")
+        raise PruningError("'stats' is required (a statistics file from `moecc calibrate` or a RoutingStats), "
+                           "unless only certified experts are removed: {'certified': True}")
     stats = value["stats"]
     if isinstance(stats, str):
         source = stats
@@ -138,7 +146,7 @@ def parse_prune_config(value: Any) -> Optional[PruneConfig]:
     seed = value.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise PruningError(f"'seed' must be an int, got {seed!r}")
-    return PruneConfig(stats, float(keep), criterion, protect, seed, source)
+    return PruneConfig(stats, float(keep), criterion, protect, seed, source, certified)
 
 
 def super_experts(layer: LayerStats) -> list[int]:

@@ -27,17 +27,23 @@ Guarantees: the compiled layer equals the eager layer with the same experts mask
 Memory: the pruned stacks are derived tensors (moecc.weight_store); a derived stack they
          replace (expert_fusion's canonical copy) is freed when nothing else reads it. The
          model's own parameters stay alive as long as the model does.
+Certified: with options.prune_experts["certified"], experts moecc/expert_certificates.py
+         proves unreachable from the router weights (input norm bounded by the RMSNorm that
+         feeds the layer, found in the graph) are removed too, with or without statistics;
+         the outputs do not change and the certificate is in the notes.
 Counters: layers (pruned), experts_removed, rows_deleted (layers whose router rows went),
-         masked (layers routed with masked_experts), skipped, saved_kib (expert weight bytes
-         no longer read or stored in the compiled stacks).
-Notes:   per layer: experts removed, how routing was rewritten, bytes saved, plan notes.
+         masked (layers routed with masked_experts), skipped, certified (experts removed by
+         a certificate), saved_kib (expert weight bytes no longer read or stored in the
+         compiled stacks).
+Notes:   per layer: experts removed, how routing was rewritten, bytes saved, plan notes,
+         certificates.
 """
 
 from __future__ import annotations
 
 from moecc.capture.report import PassResult
 from moecc.passes.context import PassContext
-from moecc.pruning import PruningError, group_floor, plan_pruning
+from moecc.pruning import LayerPlan, PruningError, group_floor, plan_pruning
 from moecc.spec import MoELayerSpec, RouterSpec
 from moecc.weights import MOE_WEIGHT_FIELDS
 
@@ -47,21 +53,30 @@ ROUTER_FIELDS = ("router_weight", "router_bias", "correction_bias")  # [E, ...] 
 
 
 def run(ctx: PassContext) -> PassResult:
-    counters = {"layers": 0, "experts_removed": 0, "rows_deleted": 0, "masked": 0, "skipped": 0, "saved_kib": 0}
+    counters = {"layers": 0, "experts_removed": 0, "rows_deleted": 0, "masked": 0, "skipped": 0, "certified": 0,
+                "saved_kib": 0}
     config = ctx.options.prune_experts
     if config is None:
         return PassResult(NAME, counters)
     nodes = [(node, MoELayerSpec.from_json(node.args[-1])) for node in ctx.moe_nodes()]
-    _check_fit(config, [spec for _, spec in nodes], _transformers_model_types(ctx.gm))
     groups = {s.source: (s.router.n_group, group_floor(s.router.n_group, s.router.topk_group, s.router.top_k,
                                                        s.router.group_scoring))
               for _, s in nodes if s.router.n_group > 1}
-    plan = plan_pruning(config.stats, config, groups)
-    notes = [f"prune_experts: keep {config.keep:g} by {config.criterion} ({config.stats_source})"]
+    plan = None
+    if config.stats is not None:
+        _check_fit(config, [spec for _, spec in nodes], _transformers_model_types(ctx.gm))
+        plan = plan_pruning(config.stats, config, groups)
+    notes = [f"prune_experts: keep {config.keep:g} by {config.criterion} ({config.stats_source})"
+             + (", and experts proven unreachable" if config.certified else "")]
     saved = 0
     for node, spec in nodes:
-        lp = plan.layer(spec.source)
         name = spec.source
+        planned = plan.layer(name) if plan is not None else None
+        lp = planned or LayerPlan(name, spec.router.num_experts, ())
+        if config.certified:
+            lp, certified_note = _with_certificates(ctx, node, spec, lp, groups.get(name, (1, 0)))
+            counters["certified"] += len(lp.removed) - (len(planned.removed) if planned else 0)
+            notes.append(f"{name}: {certified_note}")
         if not lp.removed:
             notes.append(f"{name}: nothing removed" + (f" ({lp.note})" if lp.note else ""))
             continue
@@ -126,6 +141,41 @@ def _check_fit(config, specs: list[MoELayerSpec], model_types: set[str]) -> None
             raise PruningError(f"{config.stats_source}: layer {spec.source}: statistics for {layer.experts} experts "
                                f"top-{layer.top_k}, the model's layer has {spec.router.num_experts} experts top-"
                                f"{spec.router.top_k}: recorded on another model; calibrate this model")
+
+
+def _with_certificates(ctx: PassContext, node, spec: MoELayerSpec, lp: LayerPlan, group: tuple[int, int]):
+    """lp plus the experts moecc.expert_certificates proves unreachable -> (plan, note).
+
+    The proof bounds the router input by the RMSNorm feeding the layer in this graph;
+    without one there is no certificate. Certified experts whose witnesses the plan
+    removed would become reachable: such a union is refused."""
+    from moecc.expert_certificates import RouterFacts, certify, graph_input_bound
+
+    bound = graph_input_bound(node.args[0], ctx.value)
+    if bound is None:
+        return lp, "no certificate: the layer's input is not an RMSNorm output moecc can bound"
+    args = dict(zip(MOE_WEIGHT_FIELDS, node.args[1:-1]))
+    r = spec.router
+    facts = RouterFacts(ctx.value(args["router_weight"]), ctx.value(args["router_bias"]),
+                        ctx.value(args["correction_bias"]), r.top_k, r.scoring, r.select_on_logits, r.n_group)
+    certs = certify(facts, bound) if not r.masked_experts and r.scoring != "sparsemixer" else []
+    if not certs:
+        return lp, f"no expert provably unreachable (router input norm <= {bound:.3g})"
+    planned = set(lp.removed)
+    for c in certs:
+        if set(c.witnesses) & planned and c.kind == "dominated" and len(set(c.witnesses) - planned) < r.top_k:
+            raise PruningError(f"{spec.source}: expert {c.expert} is unreachable only while experts "
+                               f"{sorted(set(c.witnesses) & planned)} stay, and the plan removes them; raise 'keep'")
+    removed = tuple(sorted(planned | {c.expert for c in certs}))
+    n_group, floor = group
+    size = r.num_experts // n_group
+    if r.num_experts - len(removed) < r.top_k or any(
+            sum(1 for e in range(g * size, (g + 1) * size) if e not in removed) < floor for g in range(n_group)):
+        raise PruningError(f"{spec.source}: the plan and the certified experts together leave fewer experts than "
+                           "routing needs; raise 'keep'")
+    said = "; ".join(f"expert {c.expert} {c.kind}" + (f" by {list(c.witnesses)}" if c.witnesses else "")
+                     + f" ({c.detail})" for c in certs)
+    return LayerPlan(lp.name, lp.experts, removed, lp.protected, lp.note), f"certified unreachable: {said}"
 
 
 def _transformers_model_types(gm) -> set[str]:

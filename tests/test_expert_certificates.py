@@ -8,6 +8,8 @@ import copy
 
 import torch
 
+import moecc
+
 from moecc.expert_certificates import (RouterFacts, certified_plan, certify, certify_model,
                                        rmsnorm_input_bound)
 from moecc.pruning import mask_experts
@@ -83,3 +85,24 @@ def test_certified_experts_removed_leave_the_trained_model_unchanged():
             after = model(input_ids=ids).logits
     assert torch.isfinite(before).all() and torch.equal(before, after)
     assert "expert 5: dominated" in plan.layers[0].note
+
+
+def test_the_pass_removes_certified_experts_and_reports_the_certificate():
+    model = copy.deepcopy(trained_model("deepseek-v3-stdlib"))
+    with torch.no_grad():
+        model.model.layers[2].mlp.gate.e_score_correction_bias[9] -= 1.5
+    report = moecc.CompileReport()
+    compiled = torch.compile(model, backend="moecc", options={
+        "prune_experts": {"certified": True}, "report": report, "kernel_backend": "reference",
+        "rest_of_graph": "eager"})
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = compiled(input_ids=ids).logits, model(input_ids=ids).logits
+    torch._dynamo.reset()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert report.pass_counter("prune_experts", "certified") == 1
+    assert report.pass_counter("prune_experts", "experts_removed") == 1
+    text = report.format()
+    assert "model.layers.2.mlp: certified unreachable: expert 9 dominated by [8, 10, 11]" in text
+    assert "model.layers.1.mlp: no expert provably unreachable (router input norm <=" in text
