@@ -1,6 +1,7 @@
 """CPU end-to-end decode in one run: eager transformers, static cache + Inductor, moecc, llama.cpp.
 
     moecc bench --cpu --e2e --out DIR [--layers 4] [--batches 1 8] [--dtypes fp32 bf16] [--rounds 1]
+                                      [--precisions int8 int4 w8a8 w4a8]
 
 Model: transformers' Qwen3-MoE at Qwen3-30B-A3B widths (hidden 2048, 128 experts of width
 768, top-8, 32 query / 4 KV heads of 128), `--layers` layers, vocabulary 4096, untied LM
@@ -11,6 +12,9 @@ caches; `--rounds` interleaves them and keeps each one's best median):
     eager      model.generate() as transformers runs it (dynamic cache, grouped_mm experts)
     static     cache_implementation="static" + CompileConfig() (Inductor), on the CPU
     moecc      the same with CompileConfig(backend="moecc"): TVM kernels for the MoE layers
+    moecc P    the same with options={"precision": P} for each of `--precisions` (the
+               routed experts in int8 / int4, weight-only or with int8 activations; its
+               floor counts the experts at the format's bytes per weight, scales included)
     llama.cpp  llama-cpp-python on a GGUF written from the same weights (F16, Q8_0,
                Q4_K_M), batch 1; only when llama-cpp-python and gguf are installed (an
                optional peer, never in CI: bench/llamacpp_peer.py). GGUF files are kept
@@ -74,6 +78,7 @@ class CPUDecodeConfig:
     new_tokens: int = 24
     skip_steps: int = 4
     threads: int = 0  # 0: torch's default
+    precisions: tuple[str, ...] = ()  # each adds a "moecc <precision>" variant
     seed: int = 0
     widths: dict = field(default_factory=lambda: dict(QWEN3_30B_A3B_WIDTHS))
 
@@ -126,7 +131,7 @@ def _isolated_op_ms(layers: list, batch: int, calls: int, seed: int) -> float:
     import moecc.backends.tvm as tvm_backend
 
     gen = torch.Generator().manual_seed(seed)
-    spec0, dtype = layers[0][1], layers[0][0].gate_up.dtype
+    spec0, dtype = layers[0][1], layers[0][0].router_weight.dtype  # the model dtype (experts may be packed)
     xs = [torch.randn(batch, spec0.experts.hidden_size, generator=gen).to(dtype) for _ in range(8)]
     for w, spec in layers:
         tvm_backend.moe_layer(xs[0], w, spec)  # kernels loaded
@@ -140,12 +145,15 @@ def _isolated_op_ms(layers: list, batch: int, calls: int, seed: int) -> float:
 
 
 def torch_worker(variant: str, dtype_name: str, cfg: CPUDecodeConfig) -> dict:
-    """ms/step of one torch variant at every batch size (one model build)."""
+    """ms/step of one torch variant ("eager", "static", "moecc", "moecc <precision>") at
+    every batch size (one model build)."""
     from moecc.bench.e2e_decode import (E2EConfig, _generate, _new_compile_report, _report_summary, _StepClock,
-                                        _variant_kwargs, routing_stats, weight_bytes_per_step)
+                                        _variant_kwargs, expert_bytes_per_step, routing_stats, weight_bytes_per_step)
 
     model = build_model(cfg, DTYPES[dtype_name])
-    e2e_cfg = E2EConfig(device="cpu", compile_all_devices=True)
+    variant, _, precision = variant.partition(" ")
+    e2e_cfg = E2EConfig(device="cpu", compile_all_devices=True,
+                        moecc_options=(("precision", precision),) if precision else ())
     out = {}
     for batch in cfg.batches:
         ids = prompt_ids(cfg, batch)
@@ -153,7 +161,8 @@ def torch_worker(variant: str, dtype_name: str, cfg: CPUDecodeConfig) -> dict:
         rec: dict = {}
         if variant == "eager":
             hit = routing_stats(model, ids, mask)
-            rec.update(experts_hit_per_layer=hit, weight_bytes_per_step=weight_bytes_per_step(model, batch, hit))
+            rec.update(experts_hit_per_layer=hit, weight_bytes_per_step=weight_bytes_per_step(model, batch, hit),
+                       expert_bytes_per_step=expert_bytes_per_step(model, hit))
         torch._dynamo.reset()  # each batch compiles from scratch, as in a fresh process
         report = _new_compile_report() if variant == "moecc" else None
         kw = _variant_kwargs(variant, None, e2e_cfg, report)
@@ -246,7 +255,7 @@ def run(cfg: CPUDecodeConfig, out_dir: str | os.PathLike, command: str = "moecc 
     bandwidths: list[float] = []
     best: dict = {}  # (variant, dtype) -> batch -> record
     notes: list[str] = []
-    jobs = [(v, d) for d in cfg.dtypes for v in cfg.variants if v in TORCH_VARIANTS]
+    jobs = [(v, d) for d in cfg.dtypes for v in (*cfg.variants, *_precision_variants(cfg)) if _is_torch_variant(v)]
     llama_reason = llama_available() if "llama.cpp" in cfg.variants else "not asked for"
     if "llama.cpp" in cfg.variants:
         if llama_reason is None:
@@ -294,10 +303,11 @@ def _assemble(cfg: CPUDecodeConfig, best: dict, bandwidths: list[float], notes: 
             wbytes = eager.get(str(batch), {}).get("weight_bytes_per_step")
             row = {"dtype": dtype_name, "batch": batch, "weight_bytes_per_step": wbytes,
                    "floor_ms": wbytes / bw_median * 1e3 if wbytes else None, "variants": {}}
-            for variant in TORCH_VARIANTS:
+            for variant in (*TORCH_VARIANTS, *_precision_variants(cfg)):
                 rec = best.get((variant, dtype_name), {}).get(str(batch))
                 if rec:
-                    row["variants"][variant] = with_fraction(rec, wbytes) if wbytes else rec
+                    nbytes = wbytes and _variant_bytes(variant, eager.get(str(batch), {}), DTYPES[dtype_name])
+                    row["variants"][variant] = with_fraction(rec, nbytes) if nbytes else rec
             rows.append(row)
     llama = best.get(("llama.cpp", "-"), {})
     batch1 = [r for r in rows if r["batch"] == 1 and r["weight_bytes_per_step"]]
@@ -316,6 +326,30 @@ def _assemble(cfg: CPUDecodeConfig, best: dict, bandwidths: list[float], notes: 
                 "min": min(bandwidths) / 1e9 if bandwidths else None,
                 "median": bw_median / 1e9, "samples": [b / 1e9 for b in bandwidths]},
             "rows": rows, "notes": notes, "elapsed_s": elapsed}
+
+
+def _precision_variants(cfg: CPUDecodeConfig) -> tuple[str, ...]:
+    return tuple(f"moecc {p}" for p in cfg.precisions)
+
+
+def _is_torch_variant(variant: str) -> bool:
+    return variant in TORCH_VARIANTS or variant.startswith("moecc ")
+
+
+def _variant_bytes(variant: str, eager_rec: dict, dtype: torch.dtype) -> float | None:
+    """Weight bytes one step of `variant` reads: the eager model's, with the routed experts
+    at the precision's bytes per weight (int8 1, int4 0.5, plus one fp32 scale per group;
+    per-row scales counted at one per 768 weights, the expert width) for "moecc P"."""
+    total = eager_rec.get("weight_bytes_per_step")
+    if not total or not variant.startswith("moecc "):
+        return total
+    from moecc.precision import parse_precision
+
+    cfg = parse_precision(variant.split(" ", 1)[1])
+    experts = eager_rec["expert_bytes_per_step"]
+    per_value = (0.5 if cfg.weight_format == "int4" else 1.0) + 4.0 / (cfg.group_size or QWEN3_30B_A3B_WIDTHS[
+        "moe_intermediate_size"])
+    return total - experts + experts / dtype.itemsize * per_value
 
 
 def environment() -> dict:

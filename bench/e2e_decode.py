@@ -118,6 +118,12 @@ def weight_bytes_per_step(model, batch: int, experts_hit: list[float]) -> float:
     return float(total)
 
 
+def expert_bytes_per_step(model, experts_hit: list[float]) -> float:
+    """The part of weight_bytes_per_step that is routed experts' weights."""
+    return float(sum(hit / _num_experts(module) * sum(p.numel() * p.element_size() for p in module.parameters())
+                     for module, hit in zip(_experts_modules(model), experts_hit)))
+
+
 def routing_stats(model, input_ids, attention_mask, steps: int = 8) -> list[float]:
     """Mean distinct experts selected per decode step, per MoE layer (eager run with hooks)."""
     batch = input_ids.shape[0]

@@ -45,6 +45,8 @@ def register(subparsers) -> None:
     cpu.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     cpu.add_argument("--variants", nargs="+", default=["eager", "static", "moecc", "llama.cpp"],
                      choices=["eager", "static", "moecc", "llama.cpp"])
+    cpu.add_argument("--precisions", nargs="+", default=[], metavar="P",
+                     help="also moecc with options={'precision': P}, e.g. int8 int4 w8a8 w4a8 (moecc/precision.py)")
     cpu.add_argument("--rounds", type=int, default=1, help="processes per variant, interleaved; best median kept")
     cpu.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
     cpu.add_argument("--new-tokens", type=int, default=24, help="decode steps per generate() (default 24)")
@@ -111,10 +113,18 @@ def _cpu_decode(args: argparse.Namespace) -> int:
         print(f"moecc bench --cpu: {', '.join(bad)} must be positive", file=sys.stderr)
         return 2
     from moecc.bench.cpu_decode import CPUDecodeConfig, format_table, run
+    from moecc.precision import PrecisionError, parse_precision
+
+    for p in args.precisions:
+        try:
+            parse_precision(p)
+        except PrecisionError as exc:
+            print(f"moecc bench --cpu --precisions: {exc}", file=sys.stderr)
+            return 2
 
     cfg = CPUDecodeConfig(layers=args.layers, batches=tuple(args.e2e_batches or (1, 8)), dtypes=tuple(args.dtypes),
                           variants=tuple(args.variants), rounds=args.rounds, threads=args.threads,
-                          new_tokens=args.new_tokens)
+                          new_tokens=args.new_tokens, precisions=tuple(args.precisions))
     command = "moecc bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "bench" else [])
     results = run(cfg, args.out, command=command.strip())
     table = format_table(results)
