@@ -107,6 +107,23 @@ def test_deepseek_layers_go_out_as_standard_ops(deepseek_export):
     assert _rel(_ort_logits(path, ids), expected) <= RTOL
 
 
+def test_gpt_oss_biases_and_clamped_swiglu_go_to_onnxruntime_moe(tmp_path):
+    model = _model("gpt-oss-tiny")
+    with torch.no_grad():  # the tiny model's biases start at zero: make them count
+        for name, p in model.named_parameters():
+            if name.endswith(("bias",)) and ".mlp." in name:
+                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    path = str(tmp_path / "gpt_oss.onnx")
+    report = export_onnx(model, (_ids(2, 12),), path)
+    assert [layer.route for layer in report.layers] == ["com.microsoft.MoE"] * 2
+    assert all(layer.spec.experts.activation == "swiglu_oai" and layer.spec.experts.has_bias
+               for layer in report.layers)
+    ids = _ids(1, 9, seed=3)
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert _rel(_ort_logits(path, ids), expected) <= RTOL
+
+
 @pytest.mark.parametrize("precision, fmt", [("int8", "int8 per-row"),
                                             ({"format": "int4", "group_size": 32}, "int4 g32")])
 def test_precision_exports_qmoe(tmp_path, precision, fmt):

@@ -110,7 +110,8 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any], path: str
     if precision is not None:  # after the swap check, which compares float layers with the model
         layers = _lower_precision(layers, precision, report)
         for layer in layers:
-            _set_submodule(swapped, layer.path, MoELayerModule(layer.spec, layer.weights))
+            extra = swapped.get_submodule(layer.path).extra_outputs
+            _set_submodule(swapped, layer.path, MoELayerModule(layer.spec, layer.weights, extra_outputs=extra))
     if not layers:
         report.notes.append("the model has no MoE layer moecc captures; exported as plain ONNX")
     plan = _plan(layers, report)
@@ -272,20 +273,28 @@ def _interleave_ort_inputs(proto, functions: dict[str, _Function]) -> None:
         fn = functions.get(node.op_type) if node.domain == DOMAIN else None
         if fn is None or fn.route == FALLBACK_ROUTE:
             continue
-        by_field = dict(zip(("hidden", *fn.fields), node.input))
+        positions = {f: i for i, f in enumerate(("hidden", *fn.fields))}
         for f in ("gate_up", "gate_up_bias", "gate_up_scale", "down_scale"):
-            name = by_field.get(f)
-            if name is None:
+            if f not in positions:
                 continue
-            if name not in inits or uses[name] != 1:
-                raise OnnxExportError(f"{f} of {node.name} is not an initializer used once ({name}); "
-                                      "cannot re-lay it for onnxruntime")
+            name = node.input[positions[f]]
+            if name not in inits:
+                raise OnnxExportError(f"{f} of {node.name} ({name}) is not an initializer; cannot re-lay it "
+                                      "for onnxruntime")
             array = numpy_helper.to_array(inits[name])
             if f != "down_scale":
                 array = interleave_rows(array)
             if f.endswith("scale") and not fn.spec.experts.group_size:
                 array = array.reshape(array.shape[:2])  # [E, R, 1] -> [E, R]
-            inits[name].CopyFrom(numpy_helper.from_array(array, name))
+            if uses[name] == 1:
+                inits[name].CopyFrom(numpy_helper.from_array(array, name))
+            else:  # the exporter merged equal initializers (e.g. zero biases): give this use its own
+                uses[name] -= 1
+                name = f"{name}.{f}.{node.name}"
+                proto.graph.initializer.append(numpy_helper.from_array(array, name))
+                inits[name] = proto.graph.initializer[-1]
+                uses[name] = 1
+                node.input[positions[f]] = name
 
 
 def interleave_rows(a):

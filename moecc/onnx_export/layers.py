@@ -9,7 +9,7 @@ turned into the canonical layout (backends/reference/experts.py, the expert-fusi
 function), so an exported layer always reads gate_up [E', 2N, K] and down [E', K, N].
 
 Assumption: a captured region is its whole module (the module's forward maps hidden
-states to the layer output). `swap_moe_layers` checks that on the example inputs, module
+states to the layer output, or to (output, router scores) as GPT-OSS's does). `swap_moe_layers` checks that on the example inputs, module
 by module, and refuses a layer whose swapped module does not reproduce the original.
 """
 
@@ -44,10 +44,14 @@ class MoELayerModule(torch.nn.Module):
     translation replaces.
     """
 
-    def __init__(self, spec: MoELayerSpec, weights: MoEWeights, kernel_backend: str = "reference"):
+    def __init__(self, spec: MoELayerSpec, weights: MoEWeights, kernel_backend: str = "reference",
+                 extra_outputs: int = 0):
         super().__init__()
         self.spec_json = spec.to_json()
         self.kernel_backend = kernel_backend
+        # A block returning (output, router scores) (GPT-OSS) is replaced by one returning
+        # (output, None): the models read only the output at inference.
+        self.extra_outputs = extra_outputs
         self.fields = tuple(f for f in MOE_WEIGHT_FIELDS if getattr(weights, f) is not None)
         for f in self.fields:
             self.register_buffer(f, getattr(weights, f))
@@ -66,7 +70,8 @@ class MoELayerModule(torch.nn.Module):
         k = hidden.shape[-1]
         flat = hidden.reshape(-1, k)  # [T, K]
         out = op_for_backend(self.kernel_backend)(flat, *self.weights(), self.spec_json)  # [T, K]
-        return out.view_as(hidden)
+        out = out.view_as(hidden)
+        return (out, *([None] * self.extra_outputs)) if self.extra_outputs else out
 
     def extra_repr(self) -> str:
         return self.spec.describe()
@@ -135,13 +140,16 @@ def swap_moe_layers(model: torch.nn.Module, layers: Sequence[FoundLayer], exampl
             notes.append(f"{layer.path}: not called on the example inputs; left as it was")
             continue
         hidden, expected = seen
+        extra = 0
+        if isinstance(expected, tuple) and expected and isinstance(expected[0], torch.Tensor):
+            expected, extra = expected[0], len(expected) - 1  # (output, router scores): GPT-OSS
         if not isinstance(expected, torch.Tensor) or expected.shape != hidden.shape:
-            notes.append(f"{layer.path}: returns {type(expected).__name__}, not the layer output alone; "
-                         "left as it was")
+            notes.append(f"{layer.path}: returns {type(expected).__name__}, not the layer output; left as it was")
             continue
-        module = MoELayerModule(layer.spec, layer.weights)
+        module = MoELayerModule(layer.spec, layer.weights, extra_outputs=extra)
         with torch.no_grad():
             got = module(hidden)
+        got = got[0] if extra else got
         err = _relative_error(got, expected)
         if not err <= rtol:
             notes.append(f"{layer.path}: the moecc op differs from the module by {err:.2e} (relative); "
