@@ -146,10 +146,11 @@ def test_precision_exports_qmoe(tmp_path, precision, fmt):
 
 
 def test_model_without_moe_exports_plain_onnx(tmp_path):
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.GELU(), torch.nn.Linear(64, 4)).eval()
     x = torch.randn(3, 8)
-    report = export_onnx(model, (x,), str(tmp_path / "mlp.onnx"))
+    report = export_onnx(model, (x,), str(tmp_path / "mlp.onnx"), external_data=True)
     assert not report.layers and any("no MoE layer" in n for n in report.notes)
+    assert report.external_data and os.path.getsize(tmp_path / "mlp.onnx.data") >= 64 * 4 * 4
     assert "plain ONNX" in report.summary()
     session = ort.InferenceSession(str(tmp_path / "mlp.onnx"), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])

@@ -115,7 +115,13 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any], path: str
     if not layers:
         report.notes.append("the model has no MoE layer moecc captures; exported as plain ONNX")
     plan = _plan(layers, report)
-    proto = _torch_export(swapped, example_inputs, example_kwargs, plan)
+    try:
+        proto = _torch_export(swapped, example_inputs, example_kwargs, plan)
+    except Exception as exc:  # say which MoE blocks stayed as the model wrote them: the usual cause
+        if not report.notes:
+            raise
+        raise OnnxExportError("torch.onnx.export failed; MoE blocks left as the model wrote them may not "
+                              "export (transformers' grouped_mm experts do not): " + "; ".join(report.notes)) from exc
     _add_layer_functions(proto, plan)
     report.external_data = _save(proto, path, external_data)
     if verify:
