@@ -20,8 +20,9 @@ Does:    replaces the SDPA node by moecc::mla_attention(q, latent, rope_key, W, 
          itself: the op takes two views of it, no copy. Off with options={"kv_rewrite": False}.
 Declines: attention whose value comes from a kv_b_proj-like linear over a 4-D latent but
          where anything else differs (bias, dropout, repeated KV heads, a K/V used outside
-         the attention, the cache mutated in between, mixed dtypes, ...): left exactly as it
-         was, the reason in the pass notes (CompileReport, `moecc explain`).
+         the attention, the cache mutated in between, mixed dtypes, ...), and an expanded
+         latent attended other than by SDPA (attn_implementation "eager"): left exactly as
+         it was, the reason in the pass notes (CompileReport, `moecc explain`).
 Guarantees: the same attention as SDPA over the expanded K/V; the arithmetic order differs
          (fp32 ~1e-6 relative, bf16 within its tolerance; tests/test_mla*.py).
 Counters: rewritten, declined, other_attention (SDPA that is not MLA: not this pass's).
@@ -216,6 +217,36 @@ def _match(n: fx.Node, graph_order: dict) -> Union[_Match, str, None]:
     return _Match(q, latent, rope_key, weight, mask, scale, is_causal, nope, value, heads, r, rope, pattern)
 
 
+def _value_chain(sdpa: fx.Node) -> list[fx.Node]:
+    """The nodes feeding SDPA's value back to the linear (getitem, split, ..., linear)."""
+    chain, node = [], _sdpa_args(sdpa).get("value")
+    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and len(chain) < 6:
+        chain.append(node)
+        if _is(node, "call_function", _LINEAR):
+            break
+        node = node.args[0] if node.args else None
+    return chain
+
+
+def _unmatched_expansions(graph: fx.Graph) -> list[fx.Node]:
+    """kv_b_proj-like linears over a [B, 1, L, R] latent, viewed per head and split, that
+    are still in the graph: MLA whose attention is not SDPA (e.g. attn_implementation
+    "eager"'s matmul-softmax-matmul), which this pass does not rewrite."""
+    found = []
+    for lin in graph.nodes:
+        if not _is(lin, "call_function", _LINEAR) or len(lin.users) != 1:
+            continue
+        shape = _shape(lin.args[0])
+        view = next(iter(lin.users))
+        if shape is None or len(shape) != 4 or shape[1] != 1 or not (
+                _is(view, "call_method", method="view") or _is(view, "call_method", method="reshape")):
+            continue
+        kv = next(iter(view.users), None)
+        if _is(kv, "call_method", method="transpose") and any(_split_parts(u) for u in kv.users):
+            found.append(lin)
+    return found
+
+
 def _module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
@@ -253,7 +284,9 @@ def run(ctx: PassContext) -> PassResult:
     graph = ctx.gm.graph
     order = {node: i for i, node in enumerate(graph.nodes)}
     widths = set()
+    seen: set[fx.Node] = set()
     for n in [node for node in graph.nodes if _is(node, "call_function", _SDPA)]:
+        seen.update(_value_chain(n))
         found = _match(n, order)
         if found is None:
             counters["other_attention"] += 1
@@ -265,6 +298,12 @@ def run(ctx: PassContext) -> PassResult:
             counters["rewritten"] += 1
             widths.add(f"H={found.heads} R={found.rank} nope={found.nope} rope={found.rope} v={found.value}")
             order = {node: i for i, node in enumerate(graph.nodes)}
+    for lin in _unmatched_expansions(graph):
+        if lin in seen:
+            continue  # an SDPA over it was declined above, with its reason
+        counters["declined"] += 1
+        notes.append(f"{_module_path(lin)}: MLA attention left as it was: the expanded latent is not attended "
+                     "by scaled_dot_product_attention (attn_implementation 'eager'?); only the SDPA form is rewritten")
     for w in sorted(widths):
         notes.append(f"MLA over the latent cache ({w}): absorbed for decode, expanded for prefill")
     return PassResult(NAME, counters, notes)

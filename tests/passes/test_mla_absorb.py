@@ -19,9 +19,10 @@ B, S, L, H, R, DN, DR, DV, D = 2, 1, 10, 4, 24, 16, 8, 12, 64
 class LatentAttention(nn.Module):
     """MLA written like transformers' expand_kv, over a cache passed in (a static cache)."""
 
-    def __init__(self, key_layout: str = "new_empty", up_bias: bool = False, leak_value: bool = False):
+    def __init__(self, key_layout: str = "new_empty", up_bias: bool = False, leak_value: bool = False,
+                 sdpa: bool = True):
         super().__init__()
-        self.key_layout, self.leak_value = key_layout, leak_value
+        self.key_layout, self.leak_value, self.sdpa = key_layout, leak_value, sdpa
         self.q = nn.Linear(D, H * (DN + DR), bias=False)
         self.up = nn.Linear(R, H * (DN + DV), bias=up_bias)  # kv_b_proj under another name
         self.out = nn.Linear(H * DV, D, bias=False)
@@ -37,7 +38,11 @@ class LatentAttention(nn.Module):
             k = kv.new_empty(B, H, L, DN + DR)
             k[..., :DN].copy_(k_nope)
             k[..., DN:].copy_(k_rot)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.2)  # [B, H, S, DV]
+        if self.sdpa:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.2)  # [B, H, S, DV]
+        else:  # transformers' eager_attention_forward
+            scores = (q @ k.transpose(2, 3) * 0.2).masked_fill(~mask, float("-inf"))
+            o = torch.softmax(scores, dim=-1) @ v
         y = self.out(o.transpose(1, 2).reshape(B, S, H * DV))
         return y + v.mean() if self.leak_value else y
 
@@ -99,6 +104,7 @@ def test_expansion_is_gone_from_the_graph(tmp_path):
 @pytest.mark.parametrize("module, reason", [
     (LatentAttention(up_bias=True), "kv_b_proj has a bias"),
     (LatentAttention(leak_value=True), "used outside the attention"),
+    (LatentAttention(sdpa=False), "not attended by scaled_dot_product_attention"),
 ])
 def test_declines_with_the_reason(module, reason):
     result, report = _compile_and_run(module)
