@@ -201,9 +201,11 @@ def _torch_export(model, example_inputs, example_kwargs, plan: dict[str, _Functi
     from moecc.weights import MOE_WEIGHT_FIELDS as _F
 
     opset = onnxscript.values.Opset(DOMAIN, 1)
-    assert _F == ("router_weight", "router_bias", "correction_bias", "gate_up", "up", "down", "gate_up_bias",
-                  "down_bias", "shared_gate", "shared_up", "shared_down", "shared_expert_gate", "gate_up_scale",
-                  "down_scale"), "update the translation's signature to moecc.weights.MOE_WEIGHT_FIELDS"
+    if _F != ("router_weight", "router_bias", "correction_bias", "gate_up", "up", "down", "gate_up_bias",
+              "down_bias", "shared_gate", "shared_up", "shared_down", "shared_expert_gate", "gate_up_scale",
+              "down_scale"):  # the exporter binds the op's arguments to these parameter names
+        raise RuntimeError("moecc.weights.MOE_WEIGHT_FIELDS changed: update moe_layer's signature in "
+                           "moecc/onnx_export/export.py")
 
     def moe_layer(hidden, router_weight, router_bias=None, correction_bias=None, gate_up=None, up=None, down=None,
                   gate_up_bias=None, down_bias=None, shared_gate=None, shared_up=None, shared_down=None,
