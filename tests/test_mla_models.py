@@ -120,3 +120,17 @@ def test_bf16_deepseek_v2(quiet):
 def test_trained_deepseek_v3_inductor_rest_of_graph(trained_v3, quiet):
     """The default path: everything but the MoE layers and the MLA op through Inductor."""
     _check_model(trained_v3, batches=(2,), rest_of_graph="inductor")
+
+
+def test_prefill_without_cache(random_v2, quiet):
+    """A whole-model forward without a cache: the latent is the fresh projection, causal
+    attention over the prompt (the op's expanded or absorbed form, by arithmetic)."""
+    ids, mask = _prompts(2, random_v2.config.vocab_size)
+    report = moecc.CompileReport()
+    compiled = torch.compile(random_v2, backend="moecc",
+                             options={"report": report, "kernel_backend": "reference", "rest_of_graph": "eager"})
+    with torch.no_grad():
+        expected = random_v2(ids, attention_mask=mask, use_cache=False).logits
+        got = compiled(ids, attention_mask=mask, use_cache=False).logits
+    check_close(got, expected)
+    assert report.pass_counter("mla_absorb", "rewritten") == random_v2.config.num_hidden_layers, report.format()
