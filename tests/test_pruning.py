@@ -179,3 +179,25 @@ def test_mask_experts_restores_the_model():
     with mask_experts(model, plan):
         assert math.isinf(float(bias[plan.layers[0].removed[0]]))
     assert torch.equal(bias, before)
+
+
+def test_keep_for_max_loss_stops_before_the_bound():
+    from moecc.pruning import keep_for_max_loss
+
+    model, stats = trained_model("qwen3-moe-stdlib-noaux"), trained_stats("qwen3-moe-stdlib-noaux")
+    batches = [_ids()]
+    assert keep_for_max_loss(model, stats, batches, max_loss=-1.0) == 1.0  # nothing can meet it
+    assert keep_for_max_loss(model, stats, batches, max_loss=100.0, candidates=(0.75, 0.5)) == 0.5
+    tight = keep_for_max_loss(model, stats, batches, max_loss=0.01, criterion="frequency")
+    assert tight in (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
+    # The chosen keep meets the bound; the next candidate (if any) misses it.
+    config = parse_prune_config({"stats": stats, "keep": tight, "criterion": "frequency"})
+
+    def loss():
+        with torch.no_grad():
+            logits = model(input_ids=batches[0]).logits[:, :-1].double()
+        return float(torch.nn.functional.cross_entropy(logits.reshape(-1, 256), batches[0][:, 1:].reshape(-1)))
+
+    base = loss()
+    with mask_experts(model, plan_for_model(model, config)):
+        assert loss() - base <= 0.01
