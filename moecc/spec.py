@@ -218,8 +218,15 @@ class MoELayerSpec:
         self.experts.validate()
 
     def to_json(self) -> str:
-        """Serialise for the custom op's `spec` string argument (stable key order)."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        """Serialise for the custom op's `spec` string argument (stable key order).
+
+        Memoised on the (frozen) instance: the kernels' per-call key lookup uses it, and
+        serialising costs ~40 us, 3-5% of a decode-sized layer call on a CPU."""
+        text = self.__dict__.get("_json")
+        if text is None:
+            text = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+            object.__setattr__(self, "_json", text)
+        return text
 
     @staticmethod
     def from_json(text: str) -> "MoELayerSpec":
