@@ -34,6 +34,7 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
     p.add_argument("--json", default=None, metavar="OUT", help="write every row as JSON here")
+    p.add_argument("--markdown", default=None, metavar="OUT", help="write the tables as Markdown here")
     p.set_defaults(func=run)
 
 
@@ -72,6 +73,10 @@ def run(args) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
         console.print(f"wrote {args.json}", markup=False)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(markdown_table(name, r["rows"]) for name, r in results.items()))
+        console.print(f"wrote {args.markdown}", markup=False)
     return 1 if bad else 0
 
 
@@ -101,3 +106,19 @@ def _print(console, name: str, rows, info) -> None:
     for r in rows:
         for note in r.notes:
             console.print(f"  {r.fraction:.0%} {r.criterion} ({r.calibration}): {note}", markup=False)
+
+
+def markdown_table(name: str, rows: list[dict]) -> str:
+    """One model's rows (as in the JSON) as a Markdown table; KL and top-1 per domain."""
+    domains = list(rows[0]["bpb"])
+    head = ["removed", "criterion", "calibrated on"] + [f"bpb {d} (vs 0%)" for d in domains] + \
+        [f"KL {d}" for d in domains] + [f"top-1 {d}" for d in domains] + ["experts kept", "KiB saved"]
+    lines = [f"**{name}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = rows[0]["bpb"]
+    for r in rows:
+        cells = [f"{r['fraction']:.0%}", r["criterion"], r["calibration"]]
+        cells += [f"{r['bpb'][d]:.4f} ({r['bpb'][d] / base[d] - 1:+.1%})" for d in domains]
+        cells += [f"{r['kl'][d]:.4f}" for d in domains] + [f"{r['top1'][d]:.3f}" for d in domains]
+        cells += [f"{r['experts'] - r['removed']}/{r['experts']}", f"{r['bytes_saved'] // 1024}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
