@@ -90,3 +90,23 @@ def test_import_rejects_unknown_ops(tmp_path):
                                                       helper.make_opsetid("example.com", 1)]), path)
     with pytest.raises(ImportError, match="Mystery"):
         moecc.import_onnx(path)
+
+
+@pytest.mark.parametrize("precision", ["int8", {"format": "int4", "group_size": 32}])
+def test_quantised_file_imports_as_the_same_packed_layer(tmp_path, precision):
+    """QMoE rows and scales come back de-interleaved: the imported module computes what
+    onnxruntime computes on the same file (both dequantise the same packed bytes)."""
+    import onnxruntime as ort
+
+    path = str(tmp_path / "q.onnx")
+    report = moecc.export_onnx(_model("qwen3-moe-tiny"), (_ids(2, 10),), path, precision=precision)
+    assert {layer.route for layer in report.layers} == {"com.microsoft.QMoE"}
+    module = moecc.import_onnx(path)
+    for layer in module.moe.values():
+        assert layer.spec.experts.weight_format in ("int8", "int4") and layer.gate_up.dtype == torch.uint8
+        assert layer.gate_up_scale.dim() == 3
+    ids = _ids(3, 6, seed=7)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    expected = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0])
+    with torch.no_grad():
+        assert _rel(module(ids), expected) <= RTOL
