@@ -186,3 +186,21 @@ def test_interleave_rows_round_trip():
     assert torch.equal(b[:, 0], a[:, 0]) and torch.equal(b[:, 1], a[:, 3])  # g0, u0, ...
     assert torch.equal(deinterleave_rows(b), a)
     assert (deinterleave_rows(interleave_rows(a.numpy())) == a.numpy()).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, route", [("qwen3-moe-stdlib", "com.microsoft.MoE"),
+                                         ("deepseek-v3-stdlib", "standard ONNX ops")])
+def test_trained_models_export_and_round_trip(tmp_path, name, route):
+    """The shipped trained models: onnxruntime and the imported module both match eager."""
+    import moecc
+
+    model = _model(name)
+    path = str(tmp_path / "model.onnx")
+    report = export_onnx(model, (_ids(2, 32),), path)
+    assert report.layers and {layer.route for layer in report.layers} == {route}
+    ids = _ids(2, 48, seed=9)
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert _rel(_ort_logits(path, ids), expected) <= RTOL
+        assert _rel(moecc.import_onnx(path)(ids), expected) <= RTOL
