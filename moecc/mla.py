@@ -97,7 +97,11 @@ def _softmax(scores: torch.Tensor, allowed: Optional[torch.Tensor], additive: Op
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(scores, dim=-1)
-    return torch.nan_to_num(p, nan=0.0) if allowed is not None else p
+    if allowed is not None:
+        p = torch.nan_to_num(p, nan=0.0)
+    # Subnormal probabilities (peaked rows) would make the context GEMM crawl on x86 (~8x
+    # measured); they add < L * 1.2e-38 to any output, far below fp32 rounding: zero them.
+    return p.masked_fill_(p < torch.finfo(torch.float32).tiny, 0.0)
 
 
 def mla_attention_reference(query: torch.Tensor, latent: torch.Tensor, rope_key: torch.Tensor,
