@@ -62,11 +62,11 @@ def qwen_cli_export(tmp_path_factory):
     return str(out)
 
 
-@pytest.fixture(scope="module")
-def deepseek_export(tmp_path_factory):
+@pytest.fixture(scope="module", params=[True, False], ids=["onnxruntime_ops", "standard_ops"])
+def deepseek_export(request, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("ds_onnx") / "model.onnx")
-    report = export_onnx(_model("deepseek-v3-tiny"), (_ids(2, 12),), path)
-    return path, report
+    report = export_onnx(_model("deepseek-v3-tiny"), (_ids(2, 12),), path, onnxruntime_ops=request.param)
+    return path, report, request.param
 
 
 def test_cli_export_uses_onnxruntime_moe(qwen_cli_export):
@@ -92,15 +92,20 @@ def test_onnxruntime_matches_eager_at_other_shapes(qwen_cli_export, shape):
     assert _rel(_ort_logits(os.path.join(qwen_cli_export, "model.onnx"), ids), expected) <= RTOL
 
 
-def test_deepseek_layers_go_out_as_standard_ops(deepseek_export):
-    path, report = deepseek_export
-    assert [layer.route for layer in report.layers] == ["standard ONNX ops"] * 2
-    assert "sigmoid routing" in report.layers[0].why and "shared experts" in report.layers[0].why
+def test_deepseek_experts_run_in_onnxruntime_moe_with_routing_outside(deepseek_export):
+    """Grouped sigmoid routing with a correction bias and a shared expert: the router goes
+    out as standard ops (log weights, -inf elsewhere), the experts as com.microsoft.MoE;
+    with onnxruntime_ops=False the whole layer is standard ops."""
+    path, report, onnxruntime_ops = deepseek_export
+    route = "com.microsoft.MoE (routing in ONNX ops)" if onnxruntime_ops else "standard ONNX ops"
+    assert [layer.route for layer in report.layers] == [route] * 2
+    if onnxruntime_ops:
+        assert "sigmoid routing" in report.layers[0].why and "shared experts" in report.layers[0].why
     assert report.max_relative_error is not None and report.max_relative_error <= RTOL
     functions, _ = _function_ops(path)
     ops = set().union(*functions.values())
-    assert not any(domain == "com.microsoft" for domain, _ in ops)
-    assert ("", "TopK") in ops
+    assert (("com.microsoft", "MoE") in ops) == onnxruntime_ops
+    assert ("", "TopK") in ops  # the grouped selection, in standard ops either way
     ids = _ids(3, 9, seed=4)
     with torch.no_grad():
         expected = _model("deepseek-v3-tiny")(ids).logits
@@ -190,7 +195,7 @@ def test_interleave_rows_round_trip():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, route", [("qwen3-moe-stdlib", "com.microsoft.MoE"),
-                                         ("deepseek-v3-stdlib", "standard ONNX ops")])
+                                         ("deepseek-v3-stdlib", "com.microsoft.MoE (routing in ONNX ops)")])
 def test_trained_models_export_and_round_trip(tmp_path, name, route):
     """The shipped trained models: onnxruntime and the imported module both match eager."""
     import moecc

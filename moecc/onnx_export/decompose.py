@@ -87,3 +87,43 @@ class DenseMoE(torch.nn.Module):
         tensors = (t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13)
         given = dict(zip(self.fields, tensors))
         return dense_moe_layer(hidden, MoEWeights(**{f: given.get(f) for f in MOE_WEIGHT_FIELDS}), self.spec)
+
+
+ROUTING_FIELDS = ("router_weight", "router_bias", "correction_bias", "shared_expert_gate")
+
+
+def moe_router_logits(hidden: torch.Tensor, w: MoEWeights, spec: MoELayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Any moecc routing as inputs for onnxruntime's MoE: (router_probs [T, E'], z [T, 1]).
+
+    onnxruntime's MoE (normalize_routing_weights=0, k = top_k + S) takes softmax over its
+    router input, then the top k. Feeding log(weight) for each token's selected routed
+    experts and for the S shared experts (log 1, or log sigmoid(x g) when gated), -inf
+    elsewhere, makes that softmax weight / z with z = sum of those weights; the MoE output
+    times z is then exactly this layer's output, whatever the scoring, grouping, bias,
+    renormalisation or scaling that chose the weights (all of them give weights >= 0).
+    """
+    from moecc.backends.reference.routing import route, router_logits
+
+    logits = router_logits(hidden, w.router_weight, w.router_bias, spec.router)  # [T, E] fp32
+    topk_weights, topk_ids = route(logits, spec.router, w.correction_bias)  # [T, k] x2
+    chosen = torch.full_like(logits, float("-inf")).scatter(1, topk_ids, torch.log(topk_weights))  # [T, E]
+    z = topk_weights.sum(dim=-1, keepdim=True)  # [T, 1]
+    s = spec.experts.num_shared
+    if s:
+        if spec.experts.shared_gated:
+            gate = torch.sigmoid(torch.nn.functional.linear(hidden, w.shared_expert_gate.to(hidden.dtype))).float()
+        else:
+            gate = torch.ones_like(z)  # [T, 1]
+        chosen = torch.cat([chosen, torch.log(gate).expand(-1, s)], dim=1)  # [T, E + S]
+        z = z + s * gate
+    return chosen.to(hidden.dtype), z.to(hidden.dtype)
+
+
+class MoERouterLogits(DenseMoE):
+    """moe_router_logits as a module taking (hidden, *present routing weights)."""
+
+    def forward(self, hidden, t0, t1=None, t2=None, t3=None, t4=None, t5=None, t6=None, t7=None, t8=None,
+                t9=None, t10=None, t11=None, t12=None, t13=None):
+        tensors = (t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13)
+        given = dict(zip(self.fields, tensors))
+        return moe_router_logits(hidden, MoEWeights(**{f: given.get(f) for f in MOE_WEIGHT_FIELDS}), self.spec)

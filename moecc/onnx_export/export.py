@@ -35,6 +35,7 @@ DOMAIN = "moecc"
 INSTALL_HINT = "ONNX export needs onnx, onnxscript and onnxruntime: pip install 'moecc[onnx]'"
 EXTERNAL_DATA_BYTES = 1 << 30  # above this, weights go to <file>.data (protobuf's 2 GiB cap)
 ORT_ROUTES = ("com.microsoft.MoE", "com.microsoft.QMoE")
+ROUTED_OUTSIDE = " (routing in ONNX ops)"  # suffix: onnxruntime runs the experts, standard ops the router
 FALLBACK_ROUTE = "standard ONNX ops"
 
 
@@ -86,7 +87,7 @@ def require_onnx() -> None:
 
 def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any], path: str, precision=None, *,
                 example_kwargs: Optional[dict] = None, verify: bool = True, rtol: float = 1e-4,
-                external_data: Optional[bool] = None) -> ExportReport:
+                external_data: Optional[bool] = None, onnxruntime_ops: bool = True) -> ExportReport:
     """Export `model` to ONNX at `path`, its MoE layers as onnxruntime MoE / QMoE where possible.
 
     example_inputs: positional inputs of one forward (e.g. (input_ids,)); every dimension
@@ -99,6 +100,8 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any], path: str
         (relative to the output's max magnitude). With precision, the reference is the
         quantised PyTorch model (the moecc reference op on the same packed weights).
     external_data: store weights in <path>.data (default: when they exceed 1 GiB).
+    onnxruntime_ops: False writes every MoE layer in standard ONNX ops (for runtimes without
+        onnxruntime's com.microsoft operators); the check still uses onnxruntime.
     """
     require_onnx()
     report = ExportReport(path=path)
@@ -114,7 +117,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any], path: str
             _set_submodule(swapped, layer.path, MoELayerModule(layer.spec, layer.weights, extra_outputs=extra))
     if not layers:
         report.notes.append("the model has no MoE layer moecc captures; exported as plain ONNX")
-    plan = _plan(layers, report)
+    plan = _plan(layers, report, onnxruntime_ops)
     try:
         proto = _torch_export(swapped, example_inputs, example_kwargs, plan)
     except Exception as exc:  # say which MoE blocks stayed as the model wrote them: the usual cause
@@ -172,22 +175,27 @@ def _plan_key(spec_json: str) -> str:
     return dataclasses.replace(MoELayerSpec.from_json(spec_json), source="").to_json()
 
 
-def _plan(layers: list[FoundLayer], report: ExportReport) -> dict[str, _Function]:
+def _plan(layers: list[FoundLayer], report: ExportReport, onnxruntime_ops: bool = True) -> dict[str, _Function]:
     """spec JSON -> the local function for it (layers with equal specs and fields share one)."""
-    from moecc.onnx_export.ort_ops import ort_unsupported
+    from moecc.onnx_export.ort_ops import ort_experts_unsupported, ort_routing_unsupported
 
     plan: dict[str, _Function] = {}
     for layer in layers:
         key = _plan_key(layer.spec.to_json())
         fields = tuple(f for f in MOE_WEIGHT_FIELDS if getattr(layer.weights, f) is not None)
+        routing_why, experts_why = ort_routing_unsupported(layer.spec), ort_experts_unsupported(layer.spec)
+        if not onnxruntime_ops:
+            experts_why = ["onnxruntime_ops=False"]
         if key not in plan:
-            why = ort_unsupported(layer.spec)
-            route = FALLBACK_ROUTE if why else ORT_ROUTES[layer.spec.experts.weight_format != "dense"]
+            route = FALLBACK_ROUTE if experts_why else ORT_ROUTES[layer.spec.experts.weight_format != "dense"]
+            if route != FALLBACK_ROUTE and routing_why:
+                route += ROUTED_OUTSIDE
             plan[key] = _Function(f"moe_layer_{len(plan)}", layer.spec, fields, route)
         fn = plan[key]
-        why = ort_unsupported(layer.spec)
-        report.layers.append(LayerExport(layer.path, layer.spec, fn.route,
-                                         ("onnxruntime's MoE lacks: " + ", ".join(why)) if why else "", fn.name))
+        why = experts_why or routing_why
+        report.layers.append(LayerExport(layer.path, layer.spec, fn.route, (
+            "asked for standard ops" if not onnxruntime_ops else
+            "onnxruntime's MoE lacks: " + ", ".join(why) if why else ""), fn.name))
     return plan
 
 
@@ -248,6 +256,9 @@ def _add_layer_functions(proto, plan: dict[str, _Function]) -> None:
     for fn in used.values():
         if fn.route == FALLBACK_ROUTE:
             body, body_opsets, extra = _fallback_body(fn)
+            proto.functions.extend(extra)
+        elif fn.route.endswith(ROUTED_OUTSIDE):
+            body, body_opsets, extra = _routed_outside_body(fn)
             proto.functions.extend(extra)
         else:
             body, body_opsets, extra = ort_function_nodes(fn.spec, fn.fields), {"": opsets.get("", 18),
@@ -327,26 +338,52 @@ def deinterleave_rows(a):
 
 def _fallback_body(fn: _Function):
     """(nodes, opsets, functions) of the standard-op decomposition, from exporting DenseMoE."""
+    from moecc.onnx_export.decompose import DenseMoE
+
+    return _exported_body(DenseMoE, fn, fn.fields, ["out"])
+
+
+def _routed_outside_body(fn: _Function):
+    """(nodes, opsets, functions): the router in standard ops (decompose.moe_router_logits),
+    then MoE / QMoE over all E + S experts with k = top_k + S, times z."""
     from onnx import helper
 
-    from moecc.onnx_export.decompose import DenseMoE
+    from moecc.onnx_export.decompose import ROUTING_FIELDS, MoERouterLogits
+    from moecc.onnx_export.ort_ops import ort_moe_node
+
+    routing = tuple(f for f in fn.fields if f in ROUTING_FIELDS)
+    nodes, opsets, extra = _exported_body(MoERouterLogits, fn, routing, ["router_probs", "z"])
+    spec = fn.spec
+    nodes.append(ort_moe_node(spec, fn.fields, "router_probs", "moe_out",
+                              spec.router.top_k + spec.experts.num_shared, normalize=False))
+    nodes.append(helper.make_node("Mul", ["moe_out", "z"], ["out"]))
+    return nodes, dict(opsets, **{"com.microsoft": 1}), extra
+
+
+def _exported_body(module_cls, fn: _Function, fields: tuple[str, ...], outputs: list[str]):
+    """(nodes, opsets, functions) of module_cls(spec, fields) exported on its own, its
+    inputs renamed to "hidden" + `fields` and its outputs to `outputs`."""
+    from onnx import helper
 
     spec = fn.spec
     e_all = spec.router.num_experts + spec.experts.num_shared
     k, n = spec.experts.hidden_size, spec.experts.intermediate_size
     shapes = _example_weight_shapes(spec, e_all, k, n)
     torch.manual_seed(0)
-    tensors = [_example_tensor(shapes[f], f, spec) for f in fn.fields]
+    tensors = [_example_tensor(shapes[f], f, spec) for f in fields]
     hidden = torch.randn(3, k)
-    dims = {"hidden": {0: torch.export.Dim("T", min=1)}, **{f"t{i}": None for i in range(len(fn.fields))}}
-    program = torch.onnx.export(DenseMoE(spec, fn.fields).eval(), (hidden, *tensors), dynamo=True,
+    dims = {"hidden": {0: torch.export.Dim("T", min=1)}, **{f"t{i}": None for i in range(len(fields))}}
+    program = torch.onnx.export(module_cls(spec, fields).eval(), (hidden, *tensors), dynamo=True,
                                 dynamic_shapes=dims, verbose=False, optimize=True)
     sub = program.model_proto
     graph = sub.graph
+    if len(graph.input) != 1 + len(fields) or len(graph.output) != len(outputs):
+        raise OnnxExportError(f"exporting {module_cls.__name__} for {fn.name} gave inputs "
+                              f"{[i.name for i in graph.input]}, expected hidden + {list(fields)}")
     nodes = [helper.make_node("Constant", [], [t.name], value=t) for t in graph.initializer]
     # Rename graph inputs/outputs to the function's formal names.
-    rename = {i.name: formal for i, formal in zip(graph.input, ["hidden", *fn.fields])}
-    rename[graph.output[0].name] = "out"
+    rename = {i.name: formal for i, formal in zip(graph.input, ["hidden", *fields])}
+    rename.update({o.name: formal for o, formal in zip(graph.output, outputs)})
     for node in list(graph.node):
         node.input[:] = [rename.get(x, x) for x in node.input]
         node.output[:] = [rename.get(x, x) for x in node.output]

@@ -30,7 +30,12 @@ from moecc.spec import MoELayerSpec
 
 
 def ort_unsupported(spec: MoELayerSpec) -> list[str]:
-    """Why onnxruntime's MoE / QMoE cannot run this layer on CPU (empty: it can)."""
+    """Why onnxruntime's MoE / QMoE cannot run this layer, routing included, on CPU (empty: it can)."""
+    return ort_routing_unsupported(spec) + ort_experts_unsupported(spec)
+
+
+def ort_routing_unsupported(spec: MoELayerSpec) -> list[str]:
+    """Why onnxruntime's own softmax top-k cannot route this layer (empty: it can)."""
     r, e = spec.router, spec.experts
     why = []
     if r.scoring not in ("softmax", "topk_softmax"):
@@ -47,6 +52,14 @@ def ort_unsupported(spec: MoELayerSpec) -> list[str]:
         why.append("fp32 router logits")  # the exported router runs in the model's dtype
     if e.num_shared:
         why.append("shared experts")
+    return why
+
+
+def ort_experts_unsupported(spec: MoELayerSpec) -> list[str]:
+    """Why onnxruntime's MoE / QMoE cannot run this layer's experts (empty: it can, given
+    router inputs computed outside: decompose.moe_router_logits)."""
+    e = spec.experts
+    why = []
     if not e.gated or e.activation not in ("silu", "swiglu_oai"):
         why.append(f"{e.activation}{'' if e.gated else ' (no gate)'} experts (CPU MoE runs SwiGLU only)")
     if not e.canonical:
@@ -76,6 +89,22 @@ def moe_attributes(spec: MoELayerSpec) -> dict:
     return attrs
 
 
+def ort_moe_node(spec: MoELayerSpec, fields: tuple[str, ...], router_probs: str, out: str, k: int,
+                 normalize: bool):
+    """The MoE / QMoE node reading `router_probs`, the layer's expert inputs and attributes."""
+    from onnx import helper
+
+    has = set(fields)
+    opt = lambda name: name if name in has else ""  # noqa: E731  (absent optional input)
+    attrs = dict(moe_attributes(spec), k=k, normalize_routing_weights=int(normalize))
+    if spec.experts.weight_format == "dense":
+        inputs = ["hidden", router_probs, "gate_up", opt("gate_up_bias"), "down", opt("down_bias")]
+        return helper.make_node("MoE", inputs, [out], domain="com.microsoft", **attrs)
+    inputs = ["hidden", router_probs, "gate_up", "gate_up_scale", opt("gate_up_bias"), "down", "down_scale",
+              opt("down_bias")]
+    return helper.make_node("QMoE", inputs, [out], domain="com.microsoft", **attrs)
+
+
 def ort_function_nodes(spec: MoELayerSpec, fields: tuple[str, ...]):
     """The body of one layer's ONNX function: router Gemm, MoE / QMoE, scaling.
 
@@ -86,17 +115,9 @@ def ort_function_nodes(spec: MoELayerSpec, fields: tuple[str, ...]):
 
     nodes = [helper.make_node("Gemm", ["hidden", "router_weight"] + (["router_bias"] if "router_bias" in fields else []),
                               ["logits"], transB=1)]
-    has = set(fields)
-    opt = lambda name: name if name in has else ""  # noqa: E731  (absent optional input)
     attrs = moe_attributes(spec)
     moe_out = "out" if spec.router.routed_scaling_factor == 1.0 else "moe_out"
-    if spec.experts.weight_format == "dense":
-        inputs = ["hidden", "logits", "gate_up", opt("gate_up_bias"), "down", opt("down_bias")]
-        nodes.append(helper.make_node("MoE", inputs, [moe_out], domain="com.microsoft", **attrs))
-    else:
-        inputs = ["hidden", "logits", "gate_up", "gate_up_scale", opt("gate_up_bias"), "down", "down_scale",
-                  opt("down_bias")]
-        nodes.append(helper.make_node("QMoE", inputs, [moe_out], domain="com.microsoft", **attrs))
+    nodes.append(ort_moe_node(spec, fields, "logits", moe_out, attrs["k"], bool(attrs["normalize_routing_weights"])))
     if moe_out != "out":  # the weights' scale factor is linear in the output (no shared experts here)
         nodes.append(helper.make_node("Constant", [], ["scale"], value_float=float(spec.router.routed_scaling_factor)))
         nodes.append(helper.make_node("CastLike", ["scale", "hidden"], ["scale_t"]))
