@@ -43,6 +43,10 @@ class CompileOptions:
         None (keep them), "int8", "int4", a dict {"format": "int4", ...} or a config object
         (moecc.Int4WeightOnly(group_size=64)); each layer falls back down the config's
         chain where its accuracy bound is missed (reported), or raises with strict=True.
+    quantize_linears: with `precision` set, lower the other linear layers too (attention
+        projections, dense MLPs, the LM head; passes/linear_precision.py) to the same
+        format, each under the config's weight-SQNR bound; False (default) lowers only the
+        routed experts.
     prune_experts: remove rarely used experts (passes/prune_experts.py, moecc/pruning.py,
         docs/pruning.md): None, or {"stats": PATH or RoutingStats, "keep": 0.75,
         "criterion": "reap" | "frequency" | "random", "protect_super_experts": True,
@@ -64,6 +68,7 @@ class CompileOptions:
     release_original_weights: bool = False
     decode_gemv: bool = True
     kv_rewrite: bool = True
+    quantize_linears: bool = False
     report: Optional[Any] = field(default=None, compare=False)  # a moecc.CompileReport to fill
     mode: Optional[str] = None
     precision: Optional[Any] = None  # parsed to a moecc.precision config (or None)
@@ -86,7 +91,7 @@ class CompileOptions:
         _choice("rest_of_graph", self.rest_of_graph, GRAPH_BACKENDS)
         _choice("mode", self.mode, MODES)
         for name in ("fuse_shared_experts", "verify_capture", "release_original_weights", "decode_gemv",
-                     "kv_rewrite"):
+                     "kv_rewrite", "quantize_linears"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"moecc option {name!r} must be True or False, got {getattr(self, name)!r}")
         from moecc.capture.report import CompileReport

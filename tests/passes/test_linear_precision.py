@@ -1,0 +1,80 @@
+"""passes/linear_precision.py: with options quantize_linears + precision, the non-expert
+linear layers become moecc::quantized_linear over packed weights, computing the
+reference definition (moecc/quantized_linear.reference_linear); nothing changes without
+the option; a weight no format fits is left as it was, with the reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moecc
+from moecc.backends.reference.quantized import quantize_rows
+from moecc.options import OptionsError
+from moecc.quantized_linear import reference_linear
+from moecc.tolerances import check_close
+
+
+class TwoLinears(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(64, 128)
+        self.down = torch.nn.Linear(128, 24, bias=False)  # 24 outputs; input 128 wide
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def _compile(model, x, **options):
+    report = moecc.CompileReport()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="moecc", options={"rest_of_graph": "eager", "report": report, **options})
+    return compiled(x), report
+
+
+@pytest.mark.parametrize("precision,activations", [("int8", "float"), ("w8a8", "int8"),
+                                                   ({"format": "int4", "group_size": 32}, "float")])
+def test_linears_become_packed_and_compute_the_reference(precision, activations):
+    torch.manual_seed(0)
+    model, x = TwoLinears().eval(), torch.randn(3, 64)
+    with torch.no_grad():
+        out, report = _compile(model, x, precision=precision, quantize_linears=True)
+    cfg = moecc.CompileOptions(precision=precision).precision
+    fmt, group = cfg.weight_format, cfg.group_size or 0
+    assert report.pass_counter("linear_precision", fmt) == 2 and report.pass_counter("linear_precision", "kept") == 0
+    q_up, q_down = quantize_rows(model.up.weight, fmt, group), quantize_rows(model.down.weight, fmt, group)
+    with torch.no_grad():
+        h = torch.relu(reference_linear(x, q_up.packed, q_up.scales, model.up.bias, fmt, group, activations))
+        expected = reference_linear(h, q_down.packed, q_down.scales, None, fmt, group, activations)
+        plain = model(x)
+    check_close(out, expected, torch.float32)
+    assert (out - plain).abs().max() > 0  # the packed weights are what ran
+
+
+def test_without_the_option_or_a_precision_nothing_changes():
+    torch.manual_seed(1)
+    model, x = TwoLinears().eval(), torch.randn(2, 64)
+    with torch.no_grad():
+        out, report = _compile(model, x, precision="int8")
+        check_close(out, model(x), torch.float32)
+        assert report.pass_counter("linear_precision", "int8") == 0
+        out, report = _compile(model, x, quantize_linears=True)
+        assert report.pass_counter("linear_precision", "int8") == 0
+
+
+def test_a_weight_no_format_fits_is_kept_with_the_reason():
+    torch.manual_seed(2)
+    model, x = TwoLinears().eval(), torch.randn(2, 64)
+    with torch.no_grad():
+        out, report = _compile(model, x, precision={"format": "int4", "group_size": 48, "fallback": None},
+                               quantize_linears=True)
+        check_close(out, model(x), torch.float32)
+    assert report.pass_counter("linear_precision", "kept") == 2
+    notes = [n for g in report.graphs for p in g.passes if p.name == "linear_precision" for n in p.notes]
+    assert any("group size 48 does not divide the reduction axis 64" in n for n in notes)
+
+
+def test_quantize_linears_must_be_a_bool():
+    with pytest.raises(OptionsError,
+                       match="quantize_linears"):
+        moecc.CompileOptions(quantize_linears="yes")
