@@ -40,12 +40,19 @@ def _stats(counts, reap=None, max_activation=None, top_k=2, name="model.layers.0
     ({"stats": "S", "max_loss": 0.01}, "'max_loss' is not built into the pass yet"),
     ({"stats": 3}, "'stats' must be a path or a moecc.RoutingStats"),
     (0.75, "expected a dict"),
+    ({"certified": "yes"}, "'certified' must be True or False, got 'yes'"),
+    ({"certified": True, "keep": 0.5}, "'stats' is required"),
 ])
 def test_bad_options_name_the_problem(value, message):
     if isinstance(value, dict) and value.get("stats") == "S":
         value = dict(value, stats=_stats([3, 1, 2, 2]))
     with pytest.raises(OptionsError, match=r"moecc option 'prune_experts': .*" + _escape(message)):
         CompileOptions(prune_experts=value)
+
+
+def test_certified_alone_needs_no_statistics():
+    config = CompileOptions(prune_experts={"certified": True}).prune_experts
+    assert config.certified and config.stats is None and config.keep == 1.0
 
 
 def _escape(text):
