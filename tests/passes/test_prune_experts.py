@@ -168,3 +168,26 @@ def test_statistics_of_another_model_are_refused_and_nothing_changes(stats, mess
     with pytest.raises(PruningError, match=message.replace("(", r"\(")):
         _prune(gm, values, stats)
     assert structure(gm) == before and ctx_args(gm) == args_before
+
+
+@pytest.mark.parametrize("kind", ["softmax+renorm", "grouped sigmoid"])
+def test_precision_lowering_after_pruning_quantises_the_smaller_stack(kind):
+    from moecc.passes import precision_lowering
+
+    router = {**ROW_DELETING, **MASKING}[kind]
+    spec, weights, gm, values = _graph(router, num_shared=1)
+    stats = _stats(router.num_experts, router.top_k)
+    removed = _lowest(stats, router.num_experts // 4)
+    ctx = context(gm, values, prune_experts={"stats": stats, "keep": 0.75, "criterion": "frequency"},
+                  precision="int8")
+    prune_experts.run(ctx)
+    assert precision_lowering.run(ctx).counters["int8"] == 1
+    gm.graph.lint()
+    gm.recompile()
+    node = ctx.moe_nodes()[0]
+    packed = ctx.value(dict(zip(MOE_WEIGHT_FIELDS, node.args[1:-1]))["gate_up"])
+    assert packed.dtype == torch.uint8 and packed.shape[0] == 3 * router.num_experts // 4 + 1
+    got, want = gm(*values), _masked_reference(values[0], weights, spec, removed)
+    assert torch.isfinite(got).all()
+    sqnr = 20 * torch.log10(want.norm() / (got - want).norm())
+    assert sqnr > 30  # int8 weights: the lowering's own output bound
