@@ -50,7 +50,9 @@ class CompileOptions:
     prune_experts: remove rarely used experts (passes/prune_experts.py, moecc/pruning.py,
         docs/pruning.md): None, or {"stats": PATH or RoutingStats, "keep": 0.75,
         "criterion": "reap" | "frequency" | "random", "protect_super_experts": True,
-        "seed": 0}; statistics that do not fit the model are an error, never ignored.
+        "seed": 0, "certified": False}; "certified": True (with or without statistics) also
+        removes experts the router weights prove unreachable (moecc/expert_certificates.py).
+        Statistics that do not fit the model are an error, never ignored.
     kv_rewrite: rewrite attention over the KV cache where it matches exactly: multi-head
         latent attention (DeepSeek-V2/V3-style MLA) runs absorbed over the latent cache
         (passes/mla_absorb.py, moecc/mla.py, docs/kv_cache.md); False leaves it as captured.
