@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--group-size", type=int, default=None, metavar="G",
                    help="onnx only, with --precision: scales per G weights along the reduction axis "
                         "(QMoE needs a power of two >= 16; default: the precision config's)")
+    p.add_argument("--standard-ops", action="store_true",
+                   help="onnx only: every MoE layer in standard ONNX ops, no onnxruntime com.microsoft operators")
     p.add_argument("--tokens-per-example", type=int, default=16, metavar="S",
                    help="onnx only: sequence length of the example input (batch 2); dynamic in the file")
     src = p.add_mutually_exclusive_group(required=True)
@@ -144,7 +146,7 @@ def export_onnx_main(args: argparse.Namespace) -> int:
         precision = args.precision
         if precision and args.group_size:
             precision = {"format": precision, "group_size": args.group_size}
-        report = export_onnx(model, (example,), path, precision=precision)
+        report = export_onnx(model, (example,), path, precision=precision, onnxruntime_ops=not args.standard_ops)
     except OnnxExportError as exc:  # onnxruntime disagrees with PyTorch: an error, never a silent file
         print(f"moecc export: {exc}", file=sys.stderr)
         return 1
