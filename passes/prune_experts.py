@@ -7,8 +7,8 @@ Needs:   expert_fusion before it (canonical stacks gate_up [E+S, 2N, K], down [E
 Does:    plans per layer with moecc.pruning.plan_pruning (criterion, keep, super experts,
          group floors from the layer's router spec), then replaces the layer's expert
          stacks (and expert biases) by copies holding only the kept routed experts and the
-         shared ones: E' = E - removed rows, so memory and the kernel grid shrink. Routing
-         is rewritten exactly:
+         shared ones: E' = E - removed rows, so what the kernels read and their grid
+         shrink. Routing is rewritten exactly:
          - router rows deleted (router weight, router bias, correction bias; spec
            num_experts = E') where the other experts' weights do not depend on the
            removed logits: top-k softmax (softmax over the selected logits), softmax +
