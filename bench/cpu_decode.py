@@ -14,7 +14,9 @@ caches; `--rounds` interleaves them and keeps each one's best median):
     moecc      the same with CompileConfig(backend="moecc"): TVM kernels for the MoE layers
     moecc P    the same with options={"precision": P} for each of `--precisions` (the
                routed experts in int8 / int4, weight-only or with int8 activations; its
-               floor counts the experts at the format's bytes per weight, scales included)
+               floor counts the experts at the format's bytes per weight, scales included);
+               "P+linears" also sets quantize_linears (attention and LM head packed too,
+               counted at the format's bytes as well)
     llama.cpp  llama-cpp-python on a GGUF written from the same weights (F16, Q8_0,
                Q4_K_M), batch 1; only when llama-cpp-python and gguf are installed (an
                optional peer, never in CI: bench/llamacpp_peer.py). GGUF files are kept
@@ -152,8 +154,10 @@ def torch_worker(variant: str, dtype_name: str, cfg: CPUDecodeConfig) -> dict:
 
     model = build_model(cfg, DTYPES[dtype_name])
     variant, _, precision = variant.partition(" ")
+    precision, linears = precision.removesuffix("+linears"), precision.endswith("+linears")
     e2e_cfg = E2EConfig(device="cpu", compile_all_devices=True,
-                        moecc_options=(("precision", precision),) if precision else ())
+                        moecc_options=((("precision", precision),) if precision else ())
+                        + ((("quantize_linears", True),) if linears else ()))
     out = {}
     for batch in cfg.batches:
         ids = prompt_ids(cfg, batch)
@@ -162,7 +166,8 @@ def torch_worker(variant: str, dtype_name: str, cfg: CPUDecodeConfig) -> dict:
         if variant == "eager":
             hit = routing_stats(model, ids, mask)
             rec.update(experts_hit_per_layer=hit, weight_bytes_per_step=weight_bytes_per_step(model, batch, hit),
-                       expert_bytes_per_step=expert_bytes_per_step(model, hit))
+                       expert_bytes_per_step=expert_bytes_per_step(model, hit),
+                       linear_bytes_per_step=_linear_bytes(model))
         torch._dynamo.reset()  # each batch compiles from scratch, as in a fresh process
         report = _new_compile_report() if variant == "moecc" else None
         kw = _variant_kwargs(variant, None, e2e_cfg, report)
@@ -336,20 +341,30 @@ def _is_torch_variant(variant: str) -> bool:
     return variant in TORCH_VARIANTS or variant.startswith("moecc ")
 
 
+def _linear_bytes(model) -> float:
+    """Bytes of the linear layers outside the MoE blocks (attention, LM head): what
+    quantize_linears packs. The routers live under `.mlp.` and stay in the model dtype."""
+    return float(sum(m.weight.numel() * m.weight.element_size() for name, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and ".mlp." not in f".{name}."))
+
+
 def _variant_bytes(variant: str, eager_rec: dict, dtype: torch.dtype) -> float | None:
     """Weight bytes one step of `variant` reads: the eager model's, with the routed experts
-    at the precision's bytes per weight (int8 1, int4 0.5, plus one fp32 scale per group;
-    per-row scales counted at one per 768 weights, the expert width) for "moecc P"."""
+    (and for "P+linears" the linears outside the MoE blocks) at the precision's bytes per
+    weight (int8 1, int4 0.5, plus one fp32 scale per group; per-row scales counted at one
+    per 768 weights, the expert width) for "moecc P"."""
     total = eager_rec.get("weight_bytes_per_step")
     if not total or not variant.startswith("moecc "):
         return total
     from moecc.precision import parse_precision
 
-    cfg = parse_precision(variant.split(" ", 1)[1])
-    experts = eager_rec["expert_bytes_per_step"]
+    name = variant.split(" ", 1)[1]
+    cfg = parse_precision(name.removesuffix("+linears"))
+    packed = eager_rec["expert_bytes_per_step"] + (eager_rec["linear_bytes_per_step"]
+                                                   if name.endswith("+linears") else 0.0)
     per_value = (0.5 if cfg.weight_format == "int4" else 1.0) + 4.0 / (cfg.group_size or QWEN3_30B_A3B_WIDTHS[
         "moe_intermediate_size"])
-    return total - experts + experts / dtype.itemsize * per_value
+    return total - packed + packed / dtype.itemsize * per_value
 
 
 def environment() -> dict:

@@ -46,7 +46,8 @@ def register(subparsers) -> None:
     cpu.add_argument("--variants", nargs="+", default=["eager", "static", "moecc", "llama.cpp"],
                      choices=["eager", "static", "moecc", "llama.cpp"])
     cpu.add_argument("--precisions", nargs="+", default=[], metavar="P",
-                     help="also moecc with options={'precision': P}, e.g. int8 int4 w8a8 w4a8 (moecc/precision.py)")
+                     help="also moecc with options={'precision': P}, e.g. int8 int4 w8a8 w4a8 (moecc/precision.py); "
+                          "P+linears also quantises attention and the LM head (quantize_linears)")
     cpu.add_argument("--rounds", type=int, default=1, help="processes per variant, interleaved; best median kept")
     cpu.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
     cpu.add_argument("--new-tokens", type=int, default=24, help="decode steps per generate() (default 24)")
@@ -117,7 +118,7 @@ def _cpu_decode(args: argparse.Namespace) -> int:
 
     for p in args.precisions:
         try:
-            parse_precision(p)
+            parse_precision(p.removesuffix("+linears"))
         except PrecisionError as exc:
             print(f"moecc bench --cpu --precisions: {exc}", file=sys.stderr)
             return 2
