@@ -191,3 +191,18 @@ def test_precision_lowering_after_pruning_quantises_the_smaller_stack(kind):
     assert torch.isfinite(got).all()
     sqnr = 20 * torch.log10(want.norm() / (got - want).norm())
     assert sqnr > 30  # int8 weights: the lowering's own output bound
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("kind", ["softmax+renorm", "sigmoid+bias"])
+def test_row_deleted_layers_on_the_tvm_kernels_equal_the_masked_definition(kind):
+    router = ROW_DELETING[kind]
+    spec, weights, gm, values = _graph(router, num_shared=1)
+    stats = _stats(router.num_experts, router.top_k)
+    removed = _lowest(stats, router.num_experts // 4)
+    _prune(gm, values, stats)
+    assert lower_kernels.run(context(gm, values, kernel_backend="tvm")).counters["tvm"] == 1
+    gm.recompile()
+    got, want = gm(*values), _masked_reference(values[0], weights, spec, removed)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
