@@ -1,6 +1,7 @@
 """One MoE layer at Qwen3-30B-A3B widths on the CPU, every expert weight format side by side.
 
     python -m moecc.bench.quantized_layer_cpu [--tokens 1 4 16] [--layers 3] [--json OUT]
+    python -m moecc.bench.quantized_layer_cpu --linear   # one [2048 -> 4096] linear instead
 
 E = 128, N = 768, K = 2048, top-8, bf16 hidden states, moecc's TVM (llvm) op in each
 format: bf16 (dense), int8 per-row and int4 g128 weight-only (dequantised in the
@@ -114,12 +115,49 @@ def _torch_peer_call(name: str, x: torch.Tensor, router_weight: torch.Tensor, ex
     return out.to(x.dtype)
 
 
+def linear_main(copies: int = 24) -> dict:
+    """One-row [K -> 2K] linear (an attention projection's shape), bf16 vs moecc::quantized_linear
+    in each format; `copies` weights cycled so they come from DRAM. ms per call."""
+    import moecc.quantized_linear  # noqa: F401  (defines moecc::quantized_linear)
+    from moecc.backends.reference.quantized import quantize_rows
+
+    gen = torch.Generator().manual_seed(0)
+    n_out = 2 * K
+    ws = [(torch.randn(n_out, K, generator=gen) * K ** -0.5).to(torch.bfloat16) for _ in range(copies)]
+    x = torch.randn(1, K, generator=gen).to(torch.bfloat16)
+    packed = {f: [quantize_rows(w, *f) for w in ws] for f in (("int8", 0), ("int4", GROUP))}
+
+    def timed(call) -> float:
+        for i in range(copies):
+            call(i)
+        times = []
+        for i in range(3 * copies):
+            t0 = time.perf_counter()
+            call(i)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+
+    out = {"bf16 torch.mv": timed(lambda i: torch.mv(ws[i], x[0])),
+           "bf16 F.linear": timed(lambda i: torch.nn.functional.linear(x, ws[i]))}
+    for (fmt, group), qs in packed.items():
+        for acts in ("float", "int8"):
+            name = f"{fmt}{' g' + str(group) if group else ''}{' a8' if acts == 'int8' else ''}"
+            out[name] = timed(lambda i, qs=qs, fmt=fmt, group=group, acts=acts: torch.ops.moecc.quantized_linear(
+                x, qs[i].packed, qs[i].scales, None, fmt, group, acts))
+    print(f"one-row linear [{K} -> {n_out}], {copies} weights cycled: "
+          + "; ".join(f"{k} {v:.3f} ms" for k, v in out.items()), flush=True)
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--linear", action="store_true", help="time one dense linear in each format instead")
     args = parser.parse_args(argv)
+    if args.linear:
+        return linear_main()
 
     import moecc.backends.tvm as tvm_backend
     from moecc.backends.reference.routing import route, router_logits
