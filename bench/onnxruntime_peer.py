@@ -61,7 +61,8 @@ def onnxruntime_layer(spec, w):
         inits.append(t)
     graph = helper.make_graph(nodes, "moe_layer", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT,
                                                                                           ["M", k])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     keep = [ort.OrtValue.ortvalue_from_numpy(weights[f].numpy()) for f in fields]  # alive as long as the session

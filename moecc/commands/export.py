@@ -18,10 +18,11 @@ import sys
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "export", help="build the TVM MoE kernels ahead of time (llvm or cuda) into a folder",
+        "export", help="build the TVM MoE kernels ahead of time (llvm or cuda), or write the model as ONNX",
         description="Compile the TVM MoE kernels for a model's MoE layer shape and write them, with a "
                     "manifest, to --out; load them with moecc.backends.tvm.load_kernels(DIR), which needs "
-                    "only the TVM runtime.")
+                    "only the TVM runtime. With --format onnx: write the whole model to --out/model.onnx "
+                    "with onnxruntime's fused MoE / QMoE operators, checked with onnxruntime (docs/onnx.md).")
     p.add_argument("--format", choices=["tvm", "onnx"], default="tvm",
                    help="tvm: the MoE kernels as shared libraries (default); onnx: the whole model as ONNX "
                         "with onnxruntime's fused MoE operators (needs pip install 'moecc[onnx]')")

@@ -27,9 +27,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from moecc.onnx_export.layers import FoundLayer, MoELayerModule, _set_submodule, find_moe_layers, swap_moe_layers
+from moecc.onnx_export.layers import FoundLayer, MoELayerModule, find_moe_layers, set_submodule, swap_moe_layers
 from moecc.spec import MoELayerSpec
-from moecc.weights import MOE_WEIGHT_FIELDS, MoEWeights
+from moecc.weights import MOE_WEIGHT_FIELDS
 
 DOMAIN = "moecc"
 INSTALL_HINT = "ONNX export needs onnx, onnxscript and onnxruntime: pip install 'moecc[onnx]'"
@@ -114,7 +114,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any], path: str
         layers = _lower_precision(layers, precision, report)
         for layer in layers:
             extra = swapped.get_submodule(layer.path).extra_outputs
-            _set_submodule(swapped, layer.path, MoELayerModule(layer.spec, layer.weights, extra_outputs=extra))
+            set_submodule(swapped, layer.path, MoELayerModule(layer.spec, layer.weights, extra_outputs=extra))
     if not layers:
         report.notes.append("the model has no MoE layer moecc captures; exported as plain ONNX")
     plan = _plan(layers, report, onnxruntime_ops)
@@ -151,7 +151,8 @@ def _lower_precision(layers: list[FoundLayer], precision, report: ExportReport) 
             continue
         cfg, packed, (weight_sqnr, out_sqnr) = chosen
         spec = layer.spec.replace(experts={"weight_format": cfg.weight_format, "group_size": cfg.group_size or 0})
-        report.notes.append(f"{layer.path}: {cfg.weight_format} {'g' + str(cfg.group_size) if cfg.group_size else 'per-row'}"
+        fmt = f"{cfg.weight_format} {'g' + str(cfg.group_size) if cfg.group_size else 'per-row'}"
+        report.notes.append(f"{layer.path}: {fmt}"
                             f" (worst expert weight SQNR {weight_sqnr:.1f} dB, layer output {out_sqnr:.1f} dB)"
                             + (f"; {why}" if why else ""))
         lowered.append(FoundLayer(layer.path, layer.module_class, spec, layer.weights._replace(**packed)))
@@ -434,7 +435,7 @@ def _verify(path, reference_model, example_inputs, example_kwargs, rtol, report:
     """Max relative error of onnxruntime's outputs against `reference_model`'s; raises above rtol."""
     import onnxruntime as ort
 
-    from moecc.onnx_export.layers import _relative_error
+    from moecc.onnx_export.layers import relative_error
 
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     feeds = onnx_feeds(session, example_inputs, example_kwargs)
@@ -444,7 +445,7 @@ def _verify(path, reference_model, example_inputs, example_kwargs, rtol, report:
     expected = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
     worst = 0.0
     for i, (g, e) in enumerate(zip(got, expected)):
-        err = _relative_error(torch.from_numpy(g), e)
+        err = relative_error(torch.from_numpy(g), e)
         if not err <= rtol:
             raise OnnxExportError(f"{path}: output {i} differs from {report.reference} by {err:.2e} (relative; "
                                   f"bound {rtol:g}). Layers: " + "; ".join(f"{layer.path} -> {layer.route}"

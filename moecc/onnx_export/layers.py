@@ -9,8 +9,9 @@ turned into the canonical layout (backends/reference/experts.py, the expert-fusi
 function), so an exported layer always reads gate_up [E', 2N, K] and down [E', K, N].
 
 Assumption: a captured region is its whole module (the module's forward maps hidden
-states to the layer output, or to (output, router scores) as GPT-OSS's does). `swap_moe_layers` checks that on the example inputs, module
-by module, and refuses a layer whose swapped module does not reproduce the original.
+states to the layer output, or to (output, router scores) as GPT-OSS's does).
+`swap_moe_layers` checks that on the example inputs, module by module, and refuses a
+layer whose swapped module does not reproduce the original.
 """
 
 from __future__ import annotations
@@ -150,17 +151,17 @@ def swap_moe_layers(model: torch.nn.Module, layers: Sequence[FoundLayer], exampl
         with torch.no_grad():
             got = module(hidden)
         got = got[0] if extra else got
-        err = _relative_error(got, expected)
+        err = relative_error(got, expected)
         if not err <= rtol:
             notes.append(f"{layer.path}: the moecc op differs from the module by {err:.2e} (relative); "
                          "the captured region is not the whole module; left as it was")
             continue
-        _set_submodule(swapped_model, layer.path, module)
+        set_submodule(swapped_model, layer.path, module)
         kept.append(layer)
     return swapped_model, kept, notes
 
 
-def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     """max |got - expected| / max |expected| in fp64 (NaN when either is not finite)."""
     got, expected = got.double(), expected.double()
     if not (torch.isfinite(got).all() and torch.isfinite(expected).all()):
@@ -190,7 +191,7 @@ def _record_block_io(model, paths, example_inputs, example_kwargs) -> dict[str, 
     return seen
 
 
-def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+def set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
     """Replace root.<path> by `module`, copying (shallowly) every parent on the way so the
     original model is left untouched."""
     parts = path.split(".")

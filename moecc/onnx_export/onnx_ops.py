@@ -52,7 +52,9 @@ def _host_binary(fn: Callable, out_dtype=None):
             av = a.values * (len(b.values) if a.scalar and not b.scalar else 1)
             bv = b.values * (len(a.values) if b.scalar and not a.scalar else 1)
             return HostInts([fn(x, y) for x, y in zip(av, bv)], a.scalar and b.scalar, out_dtype or a.dtype)
-        a, b = (tensor(a, b if isinstance(b, torch.Tensor) else None), tensor(b, a if isinstance(a, torch.Tensor) else None))
+        a_like = b if isinstance(b, torch.Tensor) else None
+        b_like = a if isinstance(a, torch.Tensor) else None
+        a, b = tensor(a, a_like), tensor(b, b_like)
         return fn(a, b)
     return op
 

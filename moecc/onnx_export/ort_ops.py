@@ -113,8 +113,8 @@ def ort_function_nodes(spec: MoELayerSpec, fields: tuple[str, ...]):
     """
     from onnx import helper
 
-    nodes = [helper.make_node("Gemm", ["hidden", "router_weight"] + (["router_bias"] if "router_bias" in fields else []),
-                              ["logits"], transB=1)]
+    router_inputs = ["hidden", "router_weight"] + (["router_bias"] if "router_bias" in fields else [])
+    nodes = [helper.make_node("Gemm", router_inputs, ["logits"], transB=1)]
     attrs = moe_attributes(spec)
     moe_out = "out" if spec.router.routed_scaling_factor == 1.0 else "moe_out"
     nodes.append(ort_moe_node(spec, fields, "logits", moe_out, attrs["k"], bool(attrs["normalize_routing_weights"])))
