@@ -208,3 +208,16 @@ def test_keep_for_max_loss_stops_before_the_bound():
     base = loss()
     with mask_experts(model, plan_for_model(model, config)):
         assert loss() - base <= 0.01
+
+
+def test_explain_prune_shows_removed_experts_and_bytes(tmp_path, capsys):
+    from moecc.cli import main
+
+    path = tmp_path / "stats.json"
+    trained_stats("qwen3-moe-stdlib").save(str(path))
+    assert main(["explain", "qwen3-moe-stdlib", "--prune", str(path), "--keep", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("removed 8/16 experts") == 3 and "768 KiB of expert weights saved" in out
+    assert main(["explain", "qwen3-moe-stdlib", "--prune", str(path), "--keep", "0"]) == 2
+    assert "--prune: 'keep' is the fraction of experts kept per layer" in capsys.readouterr().out
+    torch._dynamo.reset()

@@ -7,6 +7,9 @@ Prints the MoE layers found, what each pass did, and what was left alone and why
 config without MoE layers, or one that transformers rejects, ends in one line that says
 so (never a traceback).
 
+`moecc explain MODEL --prune stats.json [--keep 0.75] [--criterion reap]` compiles with
+expert pruning and shows, per layer, which experts go and the bytes saved (docs/pruning.md).
+
 `moecc explain --routing stats.json [--plot load.png]` explains routing statistics from
 `moecc calibrate` instead (no MODEL): per-layer load, entropy, cold experts, busiest
 experts, super-expert candidates, and co-activation communities (docs/routing.md).
@@ -32,6 +35,11 @@ def register(sub) -> None:
     p.add_argument("--routing", metavar="STATS", default=None,
                    help="explain routing statistics from `moecc calibrate` instead of a model")
     p.add_argument("--plot", metavar="PNG", default=None, help="with --routing: write per-layer load as a PNG")
+    p.add_argument("--prune", metavar="STATS", default=None,
+                   help="compile with options['prune_experts'] from these statistics: the report says per "
+                        "layer which experts go and the bytes saved (docs/pruning.md)")
+    p.add_argument("--keep", type=float, default=0.75, help="with --prune: fraction of experts kept per layer")
+    p.add_argument("--criterion", default="reap", help="with --prune: reap, frequency or random")
     p.set_defaults(func=run)
 
 
@@ -101,6 +109,15 @@ def run(args) -> int:
     except Exception as exc:  # noqa: BLE001 - any unloadable config ends in one line, not a traceback
         console.print(config_error_line(args.model, exc), style="red", markup=False)
         return 2
+    prune = None
+    if args.prune is not None:
+        from moecc.pruning import PruningError, parse_prune_config
+
+        try:  # bad statistics or keep: one line before anything is built
+            prune = parse_prune_config({"stats": args.prune, "keep": args.keep, "criterion": args.criterion})
+        except PruningError as exc:
+            console.print(f"--prune: {exc}", style="red", markup=False)
+            return 2
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     with console.status("building the model"):
         from transformers import AutoModelForCausalLM
@@ -129,13 +146,24 @@ def run(args) -> int:
                   + (" (built on the meta device: capture is not verified numerically)" if on_meta else ""))
     report = moecc.CompileReport()
     options = {"report": report, "rest_of_graph": "eager", "kernel_backend": args.kernel_backend,
-               "verify_capture": not on_meta}
+               "verify_capture": not on_meta, "prune_experts": prune}
     compiled = torch.compile(model, backend="moecc", options=options)
     ids = torch.zeros(1, 4, dtype=torch.long, device=device)
     with console.status("tracing and capturing"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.no_grad():
-            compiled(ids, use_cache=False)
+            try:
+                compiled(ids, use_cache=False)
+            except Exception as exc:  # noqa: BLE001 - statistics of another model: one line
+                from moecc.pruning import PruningError
+
+                cause = exc
+                while cause is not None and not isinstance(cause, PruningError):
+                    cause = cause.__cause__ or cause.__context__
+                if cause is None:
+                    raise
+                console.print(f"--prune: {cause}", style="red", markup=False)
+                return 2
     console.print(report.format())
     console.print(f"{len(report.captured)} MoE layer(s) captured, {len(report.skipped)} left alone")
     return 0
