@@ -14,18 +14,14 @@ from __future__ import annotations
 
 
 def export_onnx(model, example_inputs, path, precision=None, **kwargs):
+    """Write `model` as ONNX at `path`; returns an ExportReport (moecc.onnx_export.export.export_onnx)."""
     from moecc.onnx_export.export import export_onnx as _export
 
     return _export(model, example_inputs, path, precision, **kwargs)
 
 
-export_onnx.__doc__ = "See moecc.onnx_export.export.export_onnx."
-
-
 def import_onnx(path, **kwargs):
+    """An ONNX file from export_onnx as a torch module (moecc.onnx_export.importer.import_onnx)."""
     from moecc.onnx_export.importer import import_onnx as _import
 
     return _import(path, **kwargs)
-
-
-import_onnx.__doc__ = "See moecc.onnx_export.importer.import_onnx."
