@@ -73,14 +73,14 @@ def run(ctx: PassContext) -> PassResult:
         name = spec.source
         planned = plan.layer(name) if plan is not None else None
         lp = planned or LayerPlan(name, spec.router.num_experts, ())
-        if config.certified:
+        why_not = _unsupported(spec)
+        if config.certified and not why_not:
             lp, certified_note = _with_certificates(ctx, node, spec, lp, groups.get(name, (1, 0)))
             counters["certified"] += len(lp.removed) - (len(planned.removed) if planned else 0)
             notes.append(f"{name}: {certified_note}")
         if not lp.removed:
             notes.append(f"{name}: nothing removed" + (f" ({lp.note})" if lp.note else ""))
             continue
-        why_not = _unsupported(spec)
         if why_not:
             counters["skipped"] += 1
             notes.append(f"{name}: kept all {lp.experts} experts: {why_not}")
