@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from moecc.backends.reference.quantized import dequantize, group_fits, quantize_rows, sqnr_db
+from moecc.capture.graph_utils import weight_path
 from moecc.capture.report import PassResult
 from moecc.passes.context import PassContext
 from moecc.precision import chain, format_name
@@ -54,7 +55,7 @@ def run(ctx: PassContext) -> PassResult:
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point() or w.device.type == "meta":
             continue
         chosen, why = _choose(w, config)
-        label = w_node.name
+        label = weight_path(w_node)
         if chosen is None:
             counters["kept"] += 1
             notes.append(f"{label}: kept {w.dtype} ({why})")

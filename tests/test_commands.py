@@ -33,6 +33,16 @@ def test_explain_builtin_model(capsys, quiet):
     assert "2 MoE layer(s) captured, 0 left alone" in out
 
 
+def test_explain_precision_names_each_layers_format_and_linears(capsys, quiet):
+    assert main(["explain", "qwen3-moe-tiny", "--kernel-backend", "reference", "--precision",
+                 '{"format": "int4", "group_size": 32}', "--quantize-linears"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.mlp: int4 g32: weight SQNR >=" in out
+    assert "model.layers.1.self_attn.o_proj.weight (64, 64): int4 g32, weight SQNR" in out
+    assert main(["explain", "qwen3-moe-tiny", "--precision", "int2"]) == 2
+    assert "--precision: unknown precision 'int2'; valid:" in capsys.readouterr().out
+
+
 def test_explain_large_config_json_on_meta(tmp_path, capsys, quiet):
     """A real-size config is traced on the meta device: nothing is allocated."""
     from transformers import AutoConfig

@@ -54,6 +54,21 @@ def weight_name(node: fx.Node) -> tuple[str, str]:
     return owner, param
 
 
+def weight_path(node: fx.Node) -> str:
+    """The module path of a weight node, for messages:
+    l_self_modules_model_modules_layers_modules_0_modules_self_attn_modules_q_proj_parameters_weight_
+    -> "model.layers.0.self_attn.q_proj.weight" (get_attr targets as they are)."""
+    if node.op == "get_attr":
+        return str(node.target)
+    name = node.name
+    for prefix in ("l_self_", "L_self_"):
+        name = name.removeprefix(prefix)
+    name = name.removeprefix("modules_")
+    for marker in ("_modules_", *_PARAM_MARKERS):
+        name = name.replace(marker, ".")
+    return name.rstrip("_")
+
+
 def call_name(node: fx.Node) -> str:
     """A readable op name for call_function / call_method nodes ("topk", "softmax")."""
     if node.op == "call_method":

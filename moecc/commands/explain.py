@@ -39,6 +39,11 @@ def register(sub) -> None:
                    help="compile with options['prune_experts'] from these statistics: the report says per "
                         "layer which experts go and the bytes saved (docs/pruning.md)")
     p.add_argument("--keep", type=float, default=0.75, help="with --prune: fraction of experts kept per layer")
+    p.add_argument("--precision", default=None, metavar="P",
+                   help="compile with options['precision'] = P (int8, int4, w8a8, w4a8 or a JSON dict): the "
+                        "report says per layer which format was chosen, its measured SQNR, and why")
+    p.add_argument("--quantize-linears", action="store_true",
+                   help="with --precision: the attention / dense / LM-head linears too (quantize_linears)")
     p.add_argument("--criterion", default="reap", help="with --prune: reap, frequency or random")
     p.set_defaults(func=run)
 
@@ -118,6 +123,18 @@ def run(args) -> int:
         except PruningError as exc:
             console.print(f"--prune: {exc}", style="red", markup=False)
             return 2
+    precision = None
+    if args.precision is not None:
+        import json
+
+        from moecc.precision import PrecisionError, parse_precision
+
+        try:  # a bad format: one line before anything is built
+            text = args.precision.strip()
+            precision = parse_precision(json.loads(text) if text.startswith("{") else text)
+        except (PrecisionError, json.JSONDecodeError) as exc:
+            console.print(f"--precision: {exc}", style="red", markup=False)
+            return 2
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     with console.status("building the model"):
         from transformers import AutoModelForCausalLM
@@ -146,7 +163,8 @@ def run(args) -> int:
                   + (" (built on the meta device: capture is not verified numerically)" if on_meta else ""))
     report = moecc.CompileReport()
     options = {"report": report, "rest_of_graph": "eager", "kernel_backend": args.kernel_backend,
-               "verify_capture": not on_meta, "prune_experts": prune}
+               "verify_capture": not on_meta, "prune_experts": prune, "precision": precision,
+               "quantize_linears": bool(args.quantize_linears and precision is not None)}
     compiled = torch.compile(model, backend="moecc", options=options)
     ids = torch.zeros(1, 4, dtype=torch.long, device=device)
     with console.status("tracing and capturing"), warnings.catch_warnings():
