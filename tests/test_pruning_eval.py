@@ -14,7 +14,7 @@ from moecc.cli import main
 
 def test_prune_eval_rows_on_a_slice(tmp_path, capsys):
     out, md = tmp_path / "sweep.json", tmp_path / "sweep.md"
-    code = main(["prune-eval", "qwen3-moe-stdlib", "--max-bytes", "2048", "--fractions", "0.25",
+    code = main(["prune-eval", "qwen3-moe-stdlib", "--max-bytes", "1024", "--fractions", "0.25",
                  "--criteria", "frequency", "random", "--json", str(out), "--markdown", str(md)])
     assert code == 0
     assert "| 25% | frequency | code |" in md.read_text() and "| 0% | none | - |" in md.read_text()
