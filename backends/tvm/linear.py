@@ -19,7 +19,7 @@ import functools
 import torch
 
 from moecc.backends.tvm.op import _int4_ordered, _int8_buffers, kernel_key
-from moecc.backends.tvm.runtime import device_key, target_for, use_torch_thread_count
+from moecc.backends.tvm.runtime import aligned, device_key, target_for, use_torch_thread_count
 
 
 def _layer_spec(n_out: int, k_in: int, fmt: str, group_size: int, activations: str):
@@ -84,19 +84,19 @@ def quantized_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     dev = x.device
     rows = x.float() if nb * bm == t else torch.cat([x.float(), x.new_zeros(nb * bm - t, k_in, dtype=torch.float32)])
     row_weight, experts, block_ptr, zero_bias = _constants(nb, bm, n_out, x.dtype, dev)
-    w = packed.view(1, n_out, -1)  # [E = 1, N, K/P]
-    s = scales.float().view(1, n_out, -1)  # [1, N, K/G]
-    b = bias.to(x.dtype).view(1, n_out) if bias is not None else zero_bias  # [1, N]
+    w = aligned(packed.contiguous()).view(1, n_out, -1)  # [E = 1, N, K/P]
+    s = aligned(scales.float().contiguous()).view(1, n_out, -1)  # [1, N, K/G]
+    b = aligned(bias.to(x.dtype).contiguous()).view(1, n_out) if bias is not None else zero_bias  # [1, N]
     y = torch.empty(nb, bm, n_out, dtype=torch.float32, device=dev)  # [NB, BM, N]
     if fmt == "int4":  # the kernels read columns in nibble order (kernels_llvm_quantized.py)
         rows = _int4_ordered(rows, 4 * key.config.vec if activations == "int8" else key.config.vec)
     if activations == "int8":
         aq, a_s, az = _int8_buffers(nb * bm, k_in, key, dev)
-        kernels.quantize_act(rows.contiguous(), aq, a_s, az)  # rows already in the kernels' order
+        kernels.quantize_act(aligned(rows.contiguous()), aq, a_s, az)  # rows already in the kernels' order
         kernels.down_weighted(aq.view(nb, bm, k_in), a_s.view(nb, bm, -1), az.view(nb, bm, *az.shape[1:]),
                               row_weight, experts, block_ptr, w, s, b, y)
     else:
-        kernels.down_weighted(rows.contiguous().view(nb, bm, k_in), row_weight, experts, block_ptr, w, s, b, y)
+        kernels.down_weighted(aligned(rows.contiguous()).view(nb, bm, k_in), row_weight, experts, block_ptr, w, s, b, y)
     return y.view(nb * bm, n_out)[:t].to(x.dtype)
 
 

@@ -29,7 +29,7 @@ from moecc.backends.tvm.align import align_tokens_by_expert, with_shared_experts
 from moecc.backends.tvm.cache import KernelSet, load_kernels
 from moecc.backends.tvm.config import resolve_config
 from moecc.backends.tvm.key import KernelKey, TargetSpec
-from moecc.backends.tvm.runtime import device_key, target_for, use_torch_thread_count
+from moecc.backends.tvm.runtime import aligned, device_key, target_for, use_torch_thread_count
 from moecc.spec import MoELayerSpec
 from moecc.weights import MoEWeights
 
@@ -174,22 +174,22 @@ def run_kernels(kernels: KernelSet, key: KernelKey, hidden: torch.Tensor, weight
         x = _int4_ordered(hidden.float(), key.config.vec) if key.weight_format == "int4" else hidden.to(
             torch.float32 if quantized else dt)  # [T, K]
         xg = x.index_select(0, rows.tok.flatten()).view(rows.num_blocks, bm, k)  # [NB, BM, K] rows by expert
-    gate_up = weights.gate_up.contiguous().view(key.num_experts, 2, n, -1)  # [E', 2, N, K/P]
-    down = weights.down.contiguous()  # [E', K, N/P]
-    gu_bias = (weights.gate_up_bias.to(dt).contiguous().view(key.num_experts, 2, n)
+    gate_up = aligned(weights.gate_up.contiguous()).view(key.num_experts, 2, n, -1)  # [E', 2, N, K/P]
+    down = aligned(weights.down.contiguous())  # [E', K, N/P]
+    gu_bias = (aligned(weights.gate_up_bias.to(dt).contiguous()).view(key.num_experts, 2, n)
                if key.gate_up_bias else torch.zeros(1, 2, n, dtype=dt, device=dev))  # [E', 2, N]
-    d_bias = (weights.down_bias.to(dt).contiguous() if key.down_bias
+    d_bias = (aligned(weights.down_bias.to(dt).contiguous()) if key.down_bias
               else torch.zeros(1, k, dtype=dt, device=dev))  # [E', K]
 
     act = torch.empty(rows.num_blocks, bm, n, dtype=torch.float32, device=dev)  # [NB, BM, N]
     y = torch.empty(rows.num_blocks, bm, k, dtype=torch.float32, device=dev)  # [NB, BM, K]
     out = torch.empty(hidden.shape[0], k, dtype=dt, device=dev)  # [T, K]
     if key.activations == "int8":
-        gu_scale = weights.gate_up_scale.float().contiguous().view(key.num_experts, 2, n, -1)  # [E', 2, N, K/G]
-        d_scale = weights.down_scale.float().contiguous()  # [E', K, N/G]
+        gu_scale = aligned(weights.gate_up_scale.float().contiguous()).view(key.num_experts, 2, n, -1)  # [E', 2, N, K/G]
+        d_scale = aligned(weights.down_scale.float().contiguous())  # [E', K, N/G]
         t = hidden.shape[0]
         xq, xs, xz = _int8_buffers(t, k, key, dev)
-        kernels.quantize_x(hidden.contiguous(), xq, xs, xz)  # [T, K] int8 (int4: nibble order), scales, Z sums
+        kernels.quantize_x(aligned(hidden.contiguous()), xq, xs, xz)  # [T, K] int8 (int4: nibble order), scales, Z sums
         kernels.gate_up_act(xq, xs, xz, rows.tok, rows.experts, rows.block_ptr, gate_up, gu_scale, gu_bias, act)
         aq, a_s, az = _int8_buffers(rows.num_blocks * bm, n, key, dev)
         kernels.quantize_act(act.view(-1, n), aq, a_s, az)  # act is already in the order down reads
@@ -197,8 +197,8 @@ def run_kernels(kernels: KernelSet, key: KernelKey, hidden: torch.Tensor, weight
         kernels.down_weighted(aq.view(*shape, n), a_s.view(*shape, -1), az.view(*shape, *az.shape[1:]),
                               rows.row_weight, rows.experts, rows.block_ptr, down, d_scale, d_bias, y)
     elif quantized:
-        gu_scale = weights.gate_up_scale.float().contiguous().view(key.num_experts, 2, n, -1)  # [E', 2, N, K/G]
-        d_scale = weights.down_scale.float().contiguous()  # [E', K, N/G]
+        gu_scale = aligned(weights.gate_up_scale.float().contiguous()).view(key.num_experts, 2, n, -1)  # [E', 2, N, K/G]
+        d_scale = aligned(weights.down_scale.float().contiguous())  # [E', K, N/G]
         kernels.gate_up_act(xg, rows.experts, rows.block_ptr, gate_up, gu_scale, gu_bias, act)
         kernels.down_weighted(act, rows.row_weight, rows.experts, rows.block_ptr, down, d_scale, d_bias, y)
     else:

@@ -88,3 +88,24 @@ def use_torch_thread_count() -> int:
     n = max(1, torch.get_num_threads())
     os.environ["TVM_NUM_THREADS"] = str(n)
     return n
+
+
+TVM_ALIGNMENT = 64  # bytes: TVM assumes every buffer's data pointer is aligned to this
+
+
+def aligned(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t`, or an aligned copy when its data pointer is not TVM_ALIGNMENT-aligned.
+
+    The kernels' buffers are declared with TVM's default alignment, and LLVM emits aligned
+    vector loads for them: an unaligned tensor (a view at an odd offset, weights mapped
+    from a file) would crash the process. torch allocations are aligned, so the copy only
+    happens for such views; for weights it happens on every call, so it warns once."""
+    if t is None or t.data_ptr() % TVM_ALIGNMENT == 0:
+        return t
+    if t.numel() > 1 << 16:
+        import warnings
+
+        warnings.warn(f"moecc TVM kernels: a tensor of shape {tuple(t.shape)} is not {TVM_ALIGNMENT}-byte "
+                      "aligned and is copied on every call; make it aligned once (e.g. .clone()) to avoid the copy",
+                      stacklevel=3)
+    return t.clone()

@@ -63,3 +63,20 @@ def test_shapes_the_kernels_cannot_fit_fall_back_to_the_reference():
     x = torch.randn(1, 24)
     out = torch.ops.moecc.quantized_linear(x, packed, scales, None, "int8", 8, "int8")
     check_close(out, ql.reference_linear(x, packed, scales, None, "int8", 8, "int8"), torch.float32)
+
+
+@pytest.mark.tvm
+def test_unaligned_packed_weights_and_inputs_run():
+    """A view at an odd offset is copied for the TVM kernels (they assume 64-byte
+    alignment), not a crash."""
+    import moecc.quantized_linear as ql
+
+    packed, scales, _ = _layer(96, 128, "int8", 0, torch.float32, bias=False)
+    buf = torch.empty(packed.numel() + 1, dtype=torch.uint8)
+    odd = buf[1:].view(packed.shape)
+    odd.copy_(packed)
+    xbuf = torch.randn(129)
+    x = xbuf[1:].view(1, 128)
+    assert odd.data_ptr() % 64 and x.data_ptr() % 64
+    out = torch.ops.moecc.quantized_linear(x, odd, scales, None, "int8", 0, "float")
+    check_close(out, ql.reference_linear(x, packed, scales, None, "int8", 0, "float"), torch.float32)

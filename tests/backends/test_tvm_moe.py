@@ -321,3 +321,26 @@ def test_cli_export_cuda(tmp_path, capsys):
                  "--tokens", "1", "--out", str(tmp_path)]) == 0
     assert len(list(tmp_path.glob("*.so"))) == 1 and len(list(tmp_path.glob("*.cubin"))) == 1
     assert (tmp_path / "manifest.json").exists()
+
+
+def _unaligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """The same values at a data pointer 4 bytes past a 64-byte boundary."""
+    buf = torch.empty(t.numel() * t.element_size() + 4, dtype=torch.uint8)
+    out = buf[4:].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 64 != 0
+    return out
+
+
+@pytest.mark.tvm
+def test_unaligned_weights_and_hidden_states_are_copied_not_crashed():
+    """TVM assumes 64-byte aligned buffers and LLVM emits aligned vector loads: an
+    unaligned view used to kill the process (segfault). Now it is copied, with a warning
+    for large tensors."""
+    from moecc.backends.tvm import moe_layer
+
+    torch.manual_seed(0)
+    spec, w = layer_factory.make_layer(RouterSpec(8, 2), k=64, n=32)
+    x = _unaligned_copy(torch.randn(3, 64))
+    unaligned = w._replace(gate_up=_unaligned_copy(w.gate_up), down=_unaligned_copy(w.down))
+    check_close(moe_layer(x, unaligned, spec), reference.moe_layer(x, w, spec), torch.float32)
