@@ -33,7 +33,7 @@ shared.
 from __future__ import annotations
 
 from moecc.backends.tvm.key import KernelKey
-from moecc.backends.tvm.tir_scalars import ScalarOps
+from moecc.backends.tvm.tir_scalars import ScalarOps, llvm_prefetch
 
 
 def llvm_module(key: KernelKey):
@@ -56,11 +56,7 @@ def llvm_module(key: KernelKey):
 
     ops = ScalarOps(key)
 
-    def prefetch(buffer, *index):
-        # llvm.prefetch(address, read, keep in all cache levels, data cache); never faults,
-        # so prefetching past a row's end (the next row) is harmless.
-        return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(buffer[index]),
-                                  T.int32(0), T.int32(3), T.int32(1))
+    prefetch = llvm_prefetch
 
     f32, to_dt, act = ops.f32, ops.to_dt, ops.act
     gate_up_bias, down_bias = ops.gate_up_bias, ops.down_bias

@@ -19,7 +19,7 @@ instructions per weight:
   the group's scale multiplies them once at the group's end (acc += s_g * part_g).
 - Activations are fp32 in the order the weights' bytes hold their columns, so every
   activation load is a contiguous vector: for int4, inside each chunk of 2V columns the
-  even columns come first, then the odd ones (`int4_column_order`). The caller permutes
+  even columns come first, then the odd ones (tir_scalars.nibble_order). The caller permutes
   the token rows once per call (op.py); the gate/up kernel writes its activated rows in
   that order, so the down kernel reads them as they are. For int8 the order is the
   identity.
@@ -32,16 +32,7 @@ partials), two in the down kernel.
 from __future__ import annotations
 
 from moecc.backends.tvm.key import KernelKey
-from moecc.backends.tvm.tir_scalars import ScalarOps
-
-
-def int4_column_order(columns: int, vec: int):
-    """Position of each column in the activation order the int4 kernels read (a list).
-
-    Inside each chunk of 2*vec columns, column 2i goes to i and 2i+1 to vec+i, matching a
-    step's vec bytes whose low nibbles hold the even and high nibbles the odd columns.
-    """
-    return [(c // (2 * vec)) * 2 * vec + (c % 2) * vec + (c % (2 * vec)) // 2 for c in range(columns)]
+from moecc.backends.tvm.tir_scalars import ScalarOps, llvm_prefetch, nibble_order
 
 
 def quantized_gemms(key: KernelKey):
@@ -66,9 +57,7 @@ def quantized_gemms(key: KernelKey):
     act = ops.act
     gate_up_bias, down_bias = ops.gate_up_bias, ops.down_bias
 
-    def prefetch(buffer, *index):  # as in kernels_llvm.py
-        return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(buffer[index]),
-                                  T.int32(0), T.int32(3), T.int32(1))
+    prefetch = llvm_prefetch
 
     def lo(byte):  # int8: the value; int4: the low nibble (even column); fp32
         w32 = tirx.Cast("int32", byte)
@@ -81,9 +70,7 @@ def quantized_gemms(key: KernelKey):
                          - tirx.const(Z, "int32"))
 
     def a_col(n):  # where the activated column n is stored (the order the down GEMM reads)
-        if P == 1:
-            return n
-        return (n // (2 * V)) * (2 * V) + (n % 2) * V + (n % (2 * V)) // 2
+        return n if P == 1 else nibble_order(n, V)
 
     @T.prim_func
     def moe_gate_up_act(x_h: T.handle, ex_h: T.handle, ptr_h: T.handle, w_h: T.handle, s_h: T.handle,

@@ -25,7 +25,7 @@ unsigned: sum(u * xq) = sum((q + Z) * xq), so each group subtracts Z sum(xq), la
 lane (xz, computed with the quantisation), before its int32 lanes become fp32 and are
 scaled once by s_w * s_x. int4: a step's VB bytes hold 2 VB columns, low nibbles the
 even ones; the activations come in the same order (kernels_llvm_quantized.
-int4_column_order with vec = VB), so the low and the high nibbles each meet a
+tir_scalars.nibble_order with half = VB), so the low and the high nibbles each meet a
 contiguous VB-byte vector of activations.
 
 `moe_quantize_x` (hidden states [T, K] in the model dtype, reordered for int4) and
@@ -39,7 +39,7 @@ Needs a CPU with AVX512-VNNI (op.py checks, lowering keeps other CPUs on the ref
 from __future__ import annotations
 
 from moecc.backends.tvm.key import KernelKey
-from moecc.backends.tvm.tir_scalars import ScalarOps
+from moecc.backends.tvm.tir_scalars import ScalarOps, llvm_prefetch, nibble_order
 
 _VPDPBUSD = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256",
              4: "llvm.x86.avx512.vpdpbusd.128"}  # int32 lanes -> LLVM intrinsic
@@ -70,9 +70,7 @@ def vnni_gemms(key: KernelKey):
     act = ops.act
     gate_up_bias, down_bias = ops.gate_up_bias, ops.down_bias
 
-    def prefetch(buffer, *index):  # as in kernels_llvm.py
-        return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(buffer[index]),
-                                  T.int32(0), T.int32(3), T.int32(1))
+    prefetch = llvm_prefetch
 
     def vec(buffer, *index):  # VB contiguous bytes from `index` (the last axis is the vector one)
         *lead, last = index
@@ -102,9 +100,7 @@ def vnni_gemms(key: KernelKey):
                          - tirx.BufferLoad(xz, [*xz_index, lanes()]))
 
     def a_col(n):  # where the activated column n is stored (the order the down GEMM reads)
-        if P == 1:
-            return n
-        return (n // (2 * VB)) * (2 * VB) + (n % 2) * VB + (n % (2 * VB)) // 2
+        return n if P == 1 else nibble_order(n, VB)
 
     @T.prim_func
     def moe_gate_up_act(xq_h: T.handle, xs_h: T.handle, xz_h: T.handle, tok_h: T.handle, ex_h: T.handle,
@@ -246,9 +242,7 @@ def vnni_quantizers(key: KernelKey):
         G = key.group_size or C
 
         def dst(c):  # where column c is stored: the int4 nibble order, or in place
-            if not reorder or P == 1:
-                return c
-            return (c // (2 * VB)) * (2 * VB) + (c % 2) * VB + (c % (2 * VB)) // 2
+            return c if not reorder or P == 1 else nibble_order(c, VB)
 
         def value(v):
             return tirx.Cast("float32", v) if in_dtype != "float32" else v

@@ -210,7 +210,7 @@ def run_kernels(kernels: KernelSet, key: KernelKey, hidden: torch.Tensor, weight
 
 def _int4_ordered(x: torch.Tensor, vec: int) -> torch.Tensor:
     """x [T, C] with each chunk of 2*vec columns reordered evens first, then odds
-    (kernels_llvm_quantized.int4_column_order)."""
+    (tir_scalars.nibble_order)."""
     t, c = x.shape
     return x.view(t, c // (2 * vec), vec, 2).transpose(-1, -2).reshape(t, c)
 

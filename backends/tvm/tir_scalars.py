@@ -33,3 +33,20 @@ class ScalarOps:
 
     def act(self, gate, up):
         return gated_activation(gate, up, self._key.act)
+
+
+def nibble_order(column, half: int):
+    """Where column `column` sits in the int4 kernels' activation order (ints or TIR
+    expressions): inside each chunk of 2 * half columns the even columns come first, then
+    the odd ones, matching `half` packed bytes whose low nibbles hold the even columns.
+    op._int4_ordered applies the same order to torch tensors."""
+    return (column // (2 * half)) * (2 * half) + (column % 2) * half + (column % (2 * half)) // 2
+
+
+def llvm_prefetch(buffer, *index):
+    """llvm.prefetch(address, read, keep in all cache levels, data cache) of buffer[index]; it
+    never faults, so prefetching past a row's end (into the next row) is harmless."""
+    from tvm.script import tirx as T
+
+    return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(buffer[index]),
+                              T.int32(0), T.int32(3), T.int32(1))
