@@ -20,6 +20,8 @@ synchronisation on CUDA (so the op is not CUDA-graph capturable yet).
 
 from __future__ import annotations
 
+import functools
+
 from typing import NamedTuple
 
 import torch
@@ -109,25 +111,39 @@ def _align_one_token(
     topk_ids: torch.Tensor,  # [1, k'] int64
     block_m: int,  # BM
 ) -> AlignedRows | None:
-    """The same rows for one token (batch-1 decode) in 6 small ops instead of ~25.
+    """The same rows for one token (batch-1 decode), built from Python lists.
 
     With one token its k' experts are distinct, so each gets exactly one block whose first
     row is the token. Returns None when the ids repeat (then the general path handles it).
-    Reading the check back costs nothing on the CPU, the only device this path serves.
+    Why lists: k' is ~8, and each small torch op costs 5-10 us right after the streaming
+    kernels (their weights evict the interpreter's working set), so the dozen ops this
+    took cost ~80 us per layer call; two tolist() and three tensors from lists cost a
+    fraction of that. The rows that never change with the routing (tok, block_ptr) are
+    made once per (k', BM); no kernel writes them.
     """
     kp = topk_ids.shape[1]
-    experts, slot = torch.sort(topk_ids[0])  # [k'] ascending experts, the slot each came from
-    if kp > 1 and not bool((experts[1:] != experts[:-1]).all()):
+    ids = topk_ids[0].tolist()
+    order = sorted(range(kp), key=ids.__getitem__)  # slots by ascending expert (stable)
+    experts = [ids[i] for i in order]
+    if any(a == b for a, b in zip(experts, experts[1:])):
         return None
-    row_weight = torch.zeros(kp, block_m, dtype=torch.float32)
-    row_weight[:, 0] = topk_weights[0, slot].float()
-    rows = torch.empty(kp, dtype=torch.int32)
-    rows[slot] = torch.arange(0, kp * block_m, block_m, dtype=torch.int32)  # block b starts at row b * BM
+    weights = topk_weights[0].tolist()
+    row_weight = [[weights[i]] + [0.0] * (block_m - 1) for i in order]  # [k', BM]
+    rows = [0] * kp
+    for block, slot in enumerate(order):
+        rows[slot] = block * block_m  # block b starts at row b * BM
+    tok, block_ptr = _one_token_constants(kp, block_m)
     return AlignedRows(
-        tok=torch.zeros(kp, block_m, dtype=torch.int32),
-        row_weight=row_weight,
-        experts=experts.to(torch.int32),
-        block_ptr=torch.arange(kp + 1, dtype=torch.int32),
-        rows=rows.view(1, kp),
+        tok=tok,
+        row_weight=torch.tensor(row_weight, dtype=torch.float32),
+        experts=torch.tensor(experts, dtype=torch.int32),
+        block_ptr=block_ptr,
+        rows=torch.tensor([rows], dtype=torch.int32),
         num_blocks=kp,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _one_token_constants(kp: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """tok [k', BM] zeros and block_ptr [k'+1] = 0..k' for one token (read-only)."""
+    return torch.zeros(kp, block_m, dtype=torch.int32), torch.arange(kp + 1, dtype=torch.int32)
