@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from moecc.backends.tvm.op import _int4_ordered, _int8_buffers, kernel_key
+from moecc.backends.tvm.op import int4_ordered, int8_buffers, kernel_key
 from moecc.backends.tvm.runtime import aligned, device_key, target_for, use_torch_thread_count
 
 
@@ -89,9 +89,9 @@ def quantized_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     b = aligned(bias.to(x.dtype).contiguous()).view(1, n_out) if bias is not None else zero_bias  # [1, N]
     y = torch.empty(nb, bm, n_out, dtype=torch.float32, device=dev)  # [NB, BM, N]
     if fmt == "int4":  # the kernels read columns in nibble order (kernels_llvm_quantized.py)
-        rows = _int4_ordered(rows, 4 * key.config.vec if activations == "int8" else key.config.vec)
+        rows = int4_ordered(rows, 4 * key.config.vec if activations == "int8" else key.config.vec)
     if activations == "int8":
-        aq, a_s, az = _int8_buffers(nb * bm, k_in, key, dev)
+        aq, a_s, az = int8_buffers(nb * bm, k_in, key, dev)
         kernels.quantize_act(aligned(rows.contiguous()), aq, a_s, az)  # rows already in the kernels' order
         kernels.down_weighted(aq.view(nb, bm, k_in), a_s.view(nb, bm, -1), az.view(nb, bm, *az.shape[1:]),
                               row_weight, experts, block_ptr, w, s, b, y)

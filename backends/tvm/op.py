@@ -171,7 +171,7 @@ def run_kernels(kernels: KernelSet, key: KernelKey, hidden: torch.Tensor, weight
     rows = align_tokens_by_expert(topk_w, topk_ids, key.num_experts, bm)
     if key.activations != "int8":
         # Quantised GEMMs read fp32 token rows in the order their weight bytes hold columns.
-        x = _int4_ordered(hidden.float(), key.config.vec) if key.weight_format == "int4" else hidden.to(
+        x = int4_ordered(hidden.float(), key.config.vec) if key.weight_format == "int4" else hidden.to(
             torch.float32 if quantized else dt)  # [T, K]
         xg = x.index_select(0, rows.tok.flatten()).view(rows.num_blocks, bm, k)  # [NB, BM, K] rows by expert
     gate_up = aligned(weights.gate_up.contiguous()).view(key.num_experts, 2, n, -1)  # [E', 2, N, K/P]
@@ -184,21 +184,20 @@ def run_kernels(kernels: KernelSet, key: KernelKey, hidden: torch.Tensor, weight
     act = torch.empty(rows.num_blocks, bm, n, dtype=torch.float32, device=dev)  # [NB, BM, N]
     y = torch.empty(rows.num_blocks, bm, k, dtype=torch.float32, device=dev)  # [NB, BM, K]
     out = torch.empty(hidden.shape[0], k, dtype=dt, device=dev)  # [T, K]
-    if key.activations == "int8":
+    if quantized:
         gu_scale = aligned(weights.gate_up_scale.float().contiguous()).view(key.num_experts, 2, n, -1)  # [E', 2, N, K/G]
         d_scale = aligned(weights.down_scale.float().contiguous())  # [E', K, N/G]
+    if key.activations == "int8":
         t = hidden.shape[0]
-        xq, xs, xz = _int8_buffers(t, k, key, dev)
+        xq, xs, xz = int8_buffers(t, k, key, dev)
         kernels.quantize_x(aligned(hidden.contiguous()), xq, xs, xz)  # [T, K] int8 (int4: nibble order), scales, Z sums
         kernels.gate_up_act(xq, xs, xz, rows.tok, rows.experts, rows.block_ptr, gate_up, gu_scale, gu_bias, act)
-        aq, a_s, az = _int8_buffers(rows.num_blocks * bm, n, key, dev)
+        aq, a_s, az = int8_buffers(rows.num_blocks * bm, n, key, dev)
         kernels.quantize_act(act.view(-1, n), aq, a_s, az)  # act is already in the order down reads
         shape = (rows.num_blocks, bm)
         kernels.down_weighted(aq.view(*shape, n), a_s.view(*shape, -1), az.view(*shape, *az.shape[1:]),
                               rows.row_weight, rows.experts, rows.block_ptr, down, d_scale, d_bias, y)
     elif quantized:
-        gu_scale = aligned(weights.gate_up_scale.float().contiguous()).view(key.num_experts, 2, n, -1)  # [E', 2, N, K/G]
-        d_scale = aligned(weights.down_scale.float().contiguous())  # [E', K, N/G]
         kernels.gate_up_act(xg, rows.experts, rows.block_ptr, gate_up, gu_scale, gu_bias, act)
         kernels.down_weighted(act, rows.row_weight, rows.experts, rows.block_ptr, down, d_scale, d_bias, y)
     else:
@@ -208,14 +207,14 @@ def run_kernels(kernels: KernelSet, key: KernelKey, hidden: torch.Tensor, weight
     return out.to(hidden.dtype)
 
 
-def _int4_ordered(x: torch.Tensor, vec: int) -> torch.Tensor:
+def int4_ordered(x: torch.Tensor, vec: int) -> torch.Tensor:
     """x [T, C] with each chunk of 2*vec columns reordered evens first, then odds
     (tir_scalars.nibble_order)."""
     t, c = x.shape
     return x.view(t, c // (2 * vec), vec, 2).transpose(-1, -2).reshape(t, c)
 
 
-def _int8_buffers(rows: int, columns: int, key: KernelKey, device):
+def int8_buffers(rows: int, columns: int, key: KernelKey, device):
     """Empty xq int8 [R, C], scales fp32 [R, C/G], Z lane sums int32 [R, C/G, L] for the
     quantising kernels (kernels_llvm_vnni.vnni_quantizers)."""
     groups = columns // (key.group_size or columns)

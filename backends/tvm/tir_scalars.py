@@ -39,7 +39,7 @@ def nibble_order(column, half: int):
     """Where column `column` sits in the int4 kernels' activation order (ints or TIR
     expressions): inside each chunk of 2 * half columns the even columns come first, then
     the odd ones, matching `half` packed bytes whose low nibbles hold the even columns.
-    op._int4_ordered applies the same order to torch tensors."""
+    op.int4_ordered applies the same order to torch tensors."""
     return (column // (2 * half)) * (2 * half) + (column % 2) * half + (column % (2 * half)) // 2
 
 
