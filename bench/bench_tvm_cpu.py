@@ -132,6 +132,23 @@ def worker(impl: str, args) -> dict:
     return out
 
 
+def best_of_processes(script: str, names, args) -> tuple[dict[str, dict[int, float]], dict[int, int]]:
+    """Run `script --worker NAME` for every name, args.rounds times interleaved (a fresh
+    process each: no other implementation's threads or caches alive); per name and M the
+    best of the processes' median times, and the weight bytes each M reads."""
+    best: dict[str, dict[int, float]] = {name: {} for name in names}
+    weight_bytes: dict[int, int] = {}
+    for _ in range(args.rounds):
+        for name in names:
+            cmd = [sys.executable, script, "--worker", name, "--experts", str(args.experts),
+                   "--reps", str(args.reps), "--tokens", *map(str, args.tokens)]
+            res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            for m, r in res.items():
+                best[name][int(m)] = min(best[name].get(int(m), float("inf")), r["time"])
+                weight_bytes[int(m)] = r["bytes"]
+    return best, weight_bytes
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--experts", type=int, default=128)
@@ -146,16 +163,7 @@ def main() -> None:
         return
 
     impls = [name for name in args.impl if name != "grouped_mm" or hasattr(torch, "_grouped_mm")]
-    best: dict[str, dict[int, float]] = {name: {} for name in impls}
-    weight_bytes: dict[int, int] = {}
-    for _ in range(args.rounds):
-        for name in impls:  # one fresh process per implementation and round, interleaved
-            cmd = [sys.executable, __file__, "--worker", name, "--experts", str(args.experts),
-                   "--reps", str(args.reps), "--tokens", *map(str, args.tokens)]
-            res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-            for m, r in res.items():
-                best[name][int(m)] = min(best[name].get(int(m), float("inf")), r["time"])
-                weight_bytes[int(m)] = r["bytes"]
+    best, weight_bytes = best_of_processes(__file__, impls, args)
     bandwidth = cpu_read_bandwidth()
 
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "

@@ -23,13 +23,11 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 
 import torch
 
-from bench.bench_tvm_cpu import make_layer, median_time, per_expert_loop, routed
+from bench.bench_tvm_cpu import best_of_processes, make_layer, median_time, per_expert_loop, routed
 from moecc.roofline import cpu_read_bandwidth
 from moecc.tolerances import check_close
 
@@ -105,16 +103,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return
-    best: dict[str, dict[int, float]] = {name: {} for name in IMPLS}
-    weight_bytes: dict[int, int] = {}
-    for _ in range(args.rounds):
-        for name in IMPLS:  # a fresh process per side and round: no other runtime's threads alive
-            cmd = [sys.executable, __file__, "--worker", name, "--experts", str(args.experts),
-                   "--reps", str(args.reps), "--tokens", *map(str, args.tokens)]
-            res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-            for m, r in res.items():
-                best[name][int(m)] = min(best[name].get(int(m), float("inf")), r["time"])
-                weight_bytes[int(m)] = r["bytes"]
+    best, weight_bytes = best_of_processes(__file__, IMPLS, args)  # a fresh process per side and round
     bandwidth = cpu_read_bandwidth()
     import onnxruntime
 
