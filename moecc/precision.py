@@ -29,11 +29,19 @@ on qwen3-moe-stdlib the worst expert measured 20.0 dB (int4 g32) and 43.4 dB (in
 the layer outputs 18.4 and 42.1 dB (docs/precision.md). The defaults (int4 15 / 12 dB,
 int8 35 / 30 dB, weights / output) sit 5-12 dB below that, so ordinary trained weights
 pass and a layer whose outliers ruin the format falls back. Only the routed expert stack is lowered; router, norms and attention keep their dtype.
+
+Per-layer overrides by module path (`PerLayerPrecision`; dict form {"format": "int4",
+"overrides": {"model.layers.0.mlp": "int8", "model.layers.3.*": None}}): fnmatch
+patterns -> a config (any form parse_precision takes) or None (keep the original
+weights). An exact path wins over patterns; among patterns the first listed that
+matches wins; a path no pattern matches gets the default. The precision pass and
+moecc.quantize_ resolve each layer with `config_for`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -88,6 +96,68 @@ PrecisionConfig = Union[Int8WeightOnly, Int4WeightOnly]
 CONFIG_TYPES = (Int8WeightOnly, Int4WeightOnly)
 
 
+@dataclass(frozen=True)
+class PerLayerPrecision:
+    """A default config plus overrides by module path (fnmatch patterns).
+
+    overrides: {pattern: config or None} (a dict, or a tuple of pairs; values in any form
+        parse_precision takes: "int8", {"format": ...}, a config, None / "dense" = keep the
+        original weights). Stored as a tuple of pairs so the value stays hashable.
+    strict: a pattern that matches no MoE layer of the model is an error in
+        moecc.quantize_ (it sees every layer) instead of a reported note. The compile
+        pass always notes it: one Dynamo graph may hold only some of the layers.
+    """
+
+    default: Optional[PrecisionConfig]
+    overrides: tuple = ()
+    strict: bool = False
+    VERSION = 1
+
+    def __post_init__(self) -> None:
+        if self.default is not None and not isinstance(self.default, CONFIG_TYPES):
+            raise PrecisionError(f"PerLayerPrecision.default must be None or a config, got {self.default!r}")
+        pairs = self.overrides.items() if isinstance(self.overrides, dict) else self.overrides
+        parsed = []
+        for pair in pairs:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) and pair[0]):
+                raise PrecisionError(f"precision overrides map module-path patterns (str) to formats, got {pair!r}")
+            pattern, value = pair
+            if isinstance(value, PerLayerPrecision) or isinstance(value, dict) and "overrides" in value:
+                raise PrecisionError(f"override {pattern!r}: overrides do not nest")
+            try:
+                parsed.append((pattern, parse_precision(value)))
+            except PrecisionError as exc:
+                raise PrecisionError(f"override {pattern!r}: {exc}") from exc
+        object.__setattr__(self, "overrides", tuple(parsed))
+        if not isinstance(self.strict, bool):
+            raise PrecisionError(f"PerLayerPrecision.strict must be True or False, got {self.strict!r}")
+
+    def config_for(self, path: str) -> Optional[PrecisionConfig]:
+        """The config of the layer at module path `path` (None: keep its weights)."""
+        pattern = self.matching_pattern(path)
+        return self.default if pattern is None else dict(self.overrides)[pattern]
+
+    def matching_pattern(self, path: str) -> Optional[str]:
+        """The override that decides `path`: the exact path, else the first matching pattern."""
+        for pattern, _ in self.overrides:
+            if pattern == path:
+                return pattern
+        return next((p for p, _ in self.overrides if fnmatch.fnmatchcase(path, p)), None)
+
+    def unmatched(self, paths) -> list[str]:
+        """Override patterns that decide none of `paths` (typos, or layers not captured)."""
+        used = {self.matching_pattern(p) for p in paths}
+        return [p for p, _ in self.overrides if p not in used]
+
+
+def config_for(precision, path: str) -> Optional[PrecisionConfig]:
+    """The config for the layer at module path `path` under `precision` (a config, a
+    PerLayerPrecision or None)."""
+    if isinstance(precision, PerLayerPrecision):
+        return precision.config_for(path)
+    return precision
+
+
 def _check_common(cfg) -> None:
     name = type(cfg).__name__
     if cfg.group_size is not None and (not isinstance(cfg.group_size, int) or isinstance(cfg.group_size, bool)
@@ -109,13 +179,30 @@ def parse_precision(value) -> Optional[PrecisionConfig]:
     """options["precision"] -> a config (None: keep the model's weights as they are).
 
     Accepts None, "dense", the shorthands "int8" / "int4" (default configs), a config
-    object, or a dict {"format": "int4", <field>: value, ...} (JSON options, `moecc eval
-    --options`). Anything else is an error listing what is valid.
+    object, a PerLayerPrecision, or a dict {"format": "int4", <field>: value, ...} (JSON
+    options, `moecc eval --options`), optionally with "overrides": {pattern: format}
+    (then the result is a PerLayerPrecision; "format": "dense" quantises only the
+    overridden layers; "strict" applies to the default config and to unmatched
+    patterns). Anything else is an error listing what is valid.
     """
     if value is None or value == "dense":
         return None
-    if isinstance(value, CONFIG_TYPES):
+    if isinstance(value, (*CONFIG_TYPES, PerLayerPrecision)):
         return value
+    if isinstance(value, dict) and "overrides" in value:
+        raw = dict(value)
+        overrides = raw.pop("overrides")
+        if not isinstance(overrides, dict):
+            raise PrecisionError(f"precision 'overrides' must be a dict {{module-path pattern: format}}, "
+                                 f"got {type(overrides).__name__}")
+        if raw.get("format") in ("dense", None):  # only the overridden layers are quantised
+            extra = sorted(set(raw) - {"format", "strict"})
+            if extra:
+                raise PrecisionError(f"precision fields {extra} need a 'format' ('int8' or 'int4')")
+            default = None
+        else:
+            default = parse_precision(raw)
+        return PerLayerPrecision(default, overrides, strict=bool(raw.get("strict", False)))
     if isinstance(value, str):
         if value == "int8":
             return Int8WeightOnly()
@@ -146,6 +233,9 @@ def parse_precision(value) -> Optional[PrecisionConfig]:
 
 def chain(config: Optional[PrecisionConfig]) -> list[PrecisionConfig]:
     """The config and its fallbacks in the order they are tried (no cycles: configs are values)."""
+    if isinstance(config, PerLayerPrecision):
+        raise PrecisionError("per-layer overrides: resolve the layer's config with "
+                             "moecc.precision.config_for(precision, module_path) first")
     out = []
     while config is not None and len(out) < 8:
         out.append(config)
@@ -159,8 +249,12 @@ def format_name(config: PrecisionConfig) -> str:
     return f"{config.weight_format} {g}{' a8' if config.activations == 'int8' else ''}"
 
 
-def describe(config: Optional[PrecisionConfig]) -> str:
-    """One line: 'int4 g128 (>= 15 dB weights, >= 12 dB output) -> int8 per-row -> dense'."""
+def describe(config) -> str:
+    """One line: 'int4 g128 (>= 15 dB weights, >= 12 dB output) -> int8 per-row -> dense'
+    (per-layer overrides: the default, then '; <pattern>: <its chain>' each)."""
+    if isinstance(config, PerLayerPrecision):
+        return "; ".join([describe(config.default)]
+                         + [f"{p}: {describe(c) if c is not None else 'kept'}" for p, c in config.overrides])
     parts = []
     for c in chain(config):
         parts.append(f"{format_name(c)} (>= {c.min_weight_sqnr:g} dB weights, "

@@ -27,7 +27,7 @@ from moecc.backends.reference.quantized import dequantize, group_fits, quantize_
 from moecc.capture.graph_utils import weight_path
 from moecc.capture.report import PassResult
 from moecc.passes.context import PassContext
-from moecc.precision import chain, format_name
+from moecc.precision import chain, config_for, format_name
 
 NAME = "linear_precision"
 _LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
@@ -54,8 +54,13 @@ def run(ctx: PassContext) -> PassResult:
             w = None
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point() or w.device.type == "meta":
             continue
-        chosen, why = _choose(w, config)
         label = weight_path(w_node)
+        layer_config = config_for(config, label.removesuffix(".weight"))  # per-layer overrides by module path
+        if layer_config is None:
+            counters["kept"] += 1
+            notes.append(f"{label}: kept {w.dtype} (no precision for this path)")
+            continue
+        chosen, why = _choose(w, layer_config)
         if chosen is None:
             counters["kept"] += 1
             notes.append(f"{label}: kept {w.dtype} ({why})")

@@ -14,9 +14,14 @@ Does:    for each layer, tries the config's chain (e.g. int4 g128 -> int8 per ro
 Guarantees: a layer either meets its config's bounds or keeps its original weights;
          with strict=True a miss raises PrecisionError instead of falling back. Router,
          norms, biases and everything outside the expert stack keep their dtype.
+         Per-layer overrides (moecc.precision.PerLayerPrecision) pick each layer's config
+         by its module path (spec.source); a pattern matching no layer is a note.
+         Layers already packed (moecc.quantize_ before compiling) are taken as they are.
 Memory: the packed stack is kept beside the model's own parameters (they stay alive as
-         long as the model does); `moecc.quantize_` (not built yet) is what will replace them.
-Counters: layers (lowered to some format), int8, int4, dense (kept), fallbacks, packed_kib.
+         long as the model does); `moecc.quantize_` (moecc/quantize_module.py) replaces
+         them instead, before compiling.
+Counters: layers (lowered to some format), int8, int4, dense (kept), fallbacks, packed_kib,
+         prepacked (packed before compiling by moecc.quantize_).
 Notes:   per layer: chosen format, worst expert weight SQNR, output SQNR, and why.
 """
 
@@ -28,7 +33,7 @@ from moecc.backends.reference.moe_layer import moe_layer as reference_moe_layer
 from moecc.backends.reference.quantized import group_fits, quantize_stack, sqnr_db
 from moecc.capture.report import PassResult
 from moecc.passes.context import PassContext
-from moecc.precision import PrecisionError, chain, describe, format_name
+from moecc.precision import PerLayerPrecision, PrecisionError, chain, config_for, describe, format_name
 from moecc.spec import MoELayerSpec
 from moecc.weights import MOE_WEIGHT_FIELDS, MoEWeights
 
@@ -37,17 +42,27 @@ PROBE_TOKENS = 64  # random hidden states for the output SQNR: enough to touch m
 
 
 def run(ctx: PassContext) -> PassResult:
-    counters = {"layers": 0, "int8": 0, "int4": 0, "dense": 0, "fallbacks": 0, "packed_kib": 0}
-    config = ctx.options.precision
-    if config is None:
-        return PassResult(NAME, counters)
-    notes = [f"precision: {describe(config)}"]
+    counters = {"layers": 0, "int8": 0, "int4": 0, "dense": 0, "fallbacks": 0, "packed_kib": 0, "prepacked": 0}
+    precision = ctx.options.precision
+    notes = [f"precision: {describe(precision)}"] if precision is not None else []
     before = ctx.weights.derived_bytes
+    paths = []
     for index, node in enumerate(ctx.moe_nodes()):
         spec = MoELayerSpec.from_json(node.args[-1])
+        name = spec.source or f"layer {index}"
+        paths.append(name)
+        if spec.experts.weight_format != "dense":  # packed before compiling (moecc.quantize_): taken as it is
+            counters["prepacked"] += 1
+            notes.append(f"{name}: {_spec_format(spec)} (packed by moecc.quantize_ before compiling)")
+            continue
+        config = config_for(precision, name)
+        if config is None:
+            if precision is not None:
+                counters["dense"] += 1
+                notes.append(f"{name}: kept (override: {precision.matching_pattern(name)!r} -> original weights)")
+            continue
         arg_nodes = dict(zip(MOE_WEIGHT_FIELDS, node.args[1:-1]))
         weights = MoEWeights(**{f: ctx.value(n) for f, n in arg_nodes.items()})
-        name = spec.source or f"layer {index}"
         chosen, why = _choose(spec, weights, config, seed=index)
         if chosen is None:
             counters["dense"] += 1
@@ -69,8 +84,17 @@ def run(ctx: PassContext) -> PassResult:
                     lambda t=tensor: t, field_name)
         lowered = lowered_spec(spec, cfg)
         node.args = (node.args[0], *[new_args[f] for f in MOE_WEIGHT_FIELDS], lowered.to_json())
+    if isinstance(precision, PerLayerPrecision):
+        # A note, never an error: one Dynamo graph may hold only some of the model's layers.
+        notes += [f"override {p!r} matches no MoE layer in this graph" for p in precision.unmatched(paths)]
     counters["packed_kib"] = (ctx.weights.derived_bytes - before) // 1024
     return PassResult(NAME, counters, notes)
+
+
+def _spec_format(spec: MoELayerSpec) -> str:
+    e = spec.experts
+    return (f"{e.weight_format} {'g' + str(e.group_size) if e.group_size else 'per-row'}"
+            f"{' a8' if e.activations == 'int8' else ''}")
 
 
 def lowered_spec(spec: MoELayerSpec, cfg) -> MoELayerSpec:
