@@ -49,6 +49,10 @@ def __getattr__(name: str):
         from moecc import onnx_export
 
         return getattr(onnx_export, name)
+    if name == "quantize_":
+        from moecc.quantize_module import quantize_
+
+        return quantize_
     if name == "CompileOptions":
         from moecc.options import CompileOptions
 
