@@ -10,9 +10,12 @@ its result is defined as the eager model with the plan's experts masked: a maske
 is never selected, everything else about routing (logits, normalisation, groups) stays.
 
 Selection, per MoE layer of the statistics (moecc/routing_stats.py):
-    criterion "reap"      lowest REAP score first (mean gate x expert-output norm, Lasby
-                          et al. 2025); "frequency": fewest routed tokens first; "random":
-                          a seeded permutation (the baseline the two are compared with).
+    criterion "reap"      lowest REAP score first (mean over the expert's routed tokens of
+                          gate x expert-output norm, Lasby et al. 2025); "reap_sum": lowest
+                          sum of the same over routed tokens (REAP x token count: the gate-
+                          weighted output mass the layer loses, not the paper's score);
+                          "frequency": fewest routed tokens first; "random": a seeded
+                          permutation (the baseline the others are compared with).
     how many              round((1 - keep) * E), fewer where a constraint binds (noted):
                           at least top_k experts stay; with protect_super_experts an expert
                           whose largest intermediate activation exceeds SUPER_FACTOR x the
@@ -38,7 +41,7 @@ import torch
 from moecc.routing_report import SUPER_FACTOR
 from moecc.routing_stats import LayerStats, RoutingStats, RoutingStatsError, load_stats
 
-CRITERIA = ("reap", "frequency", "random")
+CRITERIA = ("reap", "reap_sum", "frequency", "random")
 CONFIG_KEYS = ("stats", "keep", "max_loss", "criterion", "protect_super_experts", "seed", "certified")
 
 
@@ -137,7 +140,7 @@ def parse_prune_config(value: Any) -> Optional[PruneConfig]:
     criterion = value.get("criterion", "reap")
     if criterion not in CRITERIA:
         raise PruningError(f"'criterion' must be one of {', '.join(map(repr, CRITERIA))}; got {criterion!r}")
-    if criterion == "reap" and any(layer.reap is None for layer in stats.layers):
+    if criterion in ("reap", "reap_sum") and any(layer.reap is None for layer in stats.layers):
         raise PruningError(f"{source}: no REAP scores (counts-only statistics, e.g. from SGLang); use "
                            "criterion 'frequency' or record with `moecc calibrate`")
     protect = value.get("protect_super_experts", True)
@@ -201,6 +204,11 @@ def plan_pruning(stats: RoutingStats, config: PruneConfig,
 def _scores(layer: LayerStats, config: PruneConfig, index: int) -> list[float]:
     if config.criterion == "reap":
         return list(layer.reap)
+    if config.criterion == "reap_sum":
+        # Why a sum: the paper's mean ranks an expert routed 23 tokens with large outputs
+        # above one routed 6,000 (docs/pruning.md, "REAP vs frequency"); the sum weighs
+        # each expert's saliency by how often the layer needs it.
+        return [r * c for r, c in zip(layer.reap, layer.counts)]
     if config.criterion == "frequency":
         return [float(c) for c in layer.counts]
     gen = torch.Generator().manual_seed(config.seed * 1000 + index)

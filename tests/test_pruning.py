@@ -35,7 +35,7 @@ def _stats(counts, reap=None, max_activation=None, top_k=2, name="model.layers.0
     ({"stats": "S", "keep": -0.25}, "in (0, 1]; got -0.25"),
     ({"stats": "S", "keep": float("nan")}, "in (0, 1]; got nan"),
     ({"stats": "S", "keep": "half"}, "in (0, 1]; got 'half'"),
-    ({"stats": "S", "criterion": "l2"}, "'criterion' must be one of 'reap', 'frequency', 'random'"),
+    ({"stats": "S", "criterion": "l2"}, "'criterion' must be one of 'reap', 'reap_sum', 'frequency', 'random'"),
     ({"stats": "S", "keeps": 0.5}, "unknown key(s) ['keeps']; valid keys: stats, keep"),
     ({"stats": "S", "max_loss": 0.01}, "'max_loss' is not built into the pass yet"),
     ({"stats": 3}, "'stats' must be a path or a moecc.RoutingStats"),
@@ -83,6 +83,8 @@ def test_counts_only_statistics_refuse_reap_but_allow_frequency():
     stats.layers[0].reap = None
     with pytest.raises(PruningError, match="no REAP scores"):
         parse_prune_config({"stats": stats, "criterion": "reap"})
+    with pytest.raises(PruningError, match="no REAP scores"):
+        parse_prune_config({"stats": stats, "criterion": "reap_sum"})
     assert parse_prune_config({"stats": stats, "criterion": "frequency"}).criterion == "frequency"
 
 
@@ -95,6 +97,9 @@ def test_plan_removes_the_lowest_scores_and_respects_floors():
     by_reap = plan_pruning(stats, parse_prune_config({"stats": stats, "keep": 0.5, "criterion": "reap"}))
     assert by_reap.layers[0].removed == (0, 2, 3, 6)
     assert by_reap.layers[0].kept == (1, 4, 5, 7)
+    # reap_sum = reap x counts = [40, 18, 60, 3, 30, 32, 0.6, 14]: the busy expert 0 stays
+    by_sum = plan_pruning(stats, parse_prune_config({"stats": stats, "keep": 0.5, "criterion": "reap_sum"}))
+    assert by_sum.layers[0].removed == (1, 3, 6, 7)
     floor = plan_pruning(stats, parse_prune_config({"stats": stats, "keep": 0.01, "criterion": "reap"}))
     assert len(floor.layers[0].kept) == 2 and "top_k=2 must stay" in floor.layers[0].note
     r1, r2, r3 = (plan_pruning(stats, parse_prune_config({"stats": stats, "keep": 0.5, "criterion": "random",
