@@ -42,7 +42,8 @@ def _config(rows: int) -> dict:
     """The down GEMM's schedule for a linear of `rows` rows. The MoE defaults assume rows
     spread over many experts; here every row meets the one weight: decode (a few rows)
     takes the MoE decode schedule (one row per block, 4 output rows per task, prefetch
-    2 KiB ahead), more rows share each weight tile in blocks of 4 (not measured)."""
+    2 KiB ahead; with int8 activations op.fit_groups sets 2 rows and 4 KiB, measured there),
+    more rows share each weight tile in blocks of 4 (not measured)."""
     if rows <= 2:
         return {"block_m": 1, "tile_n": 1, "tile_k": 4, "vec": 16, "prefetch": 2048}
     return {"block_m": 4, "tile_n": 1, "tile_k": 2, "vec": 16, "prefetch": 0}

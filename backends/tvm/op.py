@@ -25,6 +25,7 @@ import torch
 
 from moecc.backends.reference.routing import route, router_logits
 from moecc.backends.tvm.activation import ActivationSpec
+from moecc.backends.tvm import row_chunks
 from moecc.backends.tvm.align import align_tokens_by_expert, with_shared_experts
 from moecc.backends.tvm.cache import KernelSet, load_kernels
 from moecc.backends.tvm.config import resolve_config
@@ -91,13 +92,18 @@ def fit_groups(config, e_spec):
         if not lanes:
             raise ValueError(f"{e_spec.weight_format} weights with int8 activations need groups of a multiple "
                              f"of {16 * per_byte} columns dividing N={n}, K={k} (group size {e_spec.group_size})")
-        # Measured (2-core Xeon, 2026-12-03, E=128 N=768 K=2048 top-8, M=1, int4 g128 a8; the
-        # int8 layer is at read bandwidth with every tile): gate/up tile_n 2 0.55-0.65 ms vs
-        # tile_n 4 0.83-0.89; down tile_k 4 and prefetch 2 KiB ahead 1.32 ms per layer vs
-        # 1.41-1.75 for tile_k 1-2 and 256 B-1 KiB.
-        return dataclasses.replace(config, vec=lanes, tile_n=max(1, min(config.tile_n, 2 // config.block_m)),
-                                   tile_k=4 if config.block_m == 1 and k % 4 == 0 else config.tile_k,
-                                   prefetch=max(config.prefetch, 2048) if config.block_m == 1 else config.prefetch)
+        # Measured (2-core Xeon, 2026-12-03/04, E=128 N=768 K=2048 top-8, bf16 hidden, fresh
+        # routing every call, a sweep of (tile_n, tile_k, prefetch)): for block_m <= 2,
+        # one gate/up column pair and two down rows per task with prefetch 4 KiB ahead beat
+        # the previous (2, 4, 2 KiB): w4a8 M=1 0.93-0.96 vs 1.03-1.11 ms, M=4 3.14 vs 3.62,
+        # M=16 (block_m 2) 10.1 vs 15.0 (tile_k 1, no prefetch); w8a8 M=1 1.46 vs 1.60-1.64.
+        # One-row linears (backends/tvm/linear.py, E=1) likewise: int4 g128 [2048 -> 4096]
+        # 171-183 us (~25 GB/s) vs 296 (tile_k 4, 2 KiB). More rows per task or a shorter
+        # prefetch leave too few independent streams in flight for this memory system.
+        if config.block_m <= 2:
+            return dataclasses.replace(config, vec=lanes, tile_n=1, tile_k=2 if k % 2 == 0 else 1,
+                                       prefetch=max(config.prefetch, 4096))
+        return dataclasses.replace(config, vec=lanes, tile_n=max(1, min(config.tile_n, 2 // config.block_m)))
     vec = max((d for d in range(1, config.vec + 1) if span % (d * per_byte) == 0), default=0)
     if not vec:
         raise ValueError(f"{e_spec.weight_format} weights with group size {e_spec.group_size} do not fit "
@@ -169,6 +175,9 @@ def run_kernels(kernels: KernelSet, key: KernelKey, hidden: torch.Tensor, weight
     dt = hidden.dtype if quantized else weights.gate_up.dtype
     dev = hidden.device
     rows = align_tokens_by_expert(topk_w, topk_ids, key.num_experts, bm)
+    if key.target.kind == "llvm":  # each task's token rows stay in cache (row_chunks.py says why)
+        x_bytes = 1 if key.activations == "int8" else (4 if quantized else dt.itemsize)
+        rows = row_chunks.split_ranges(rows, row_chunks.chunk_blocks(bm, max(k * x_bytes, n * 4)))
     if key.activations != "int8":
         # Quantised GEMMs read fp32 token rows in the order their weight bytes hold columns.
         x = int4_ordered(hidden.float(), key.config.vec) if key.weight_format == "int4" else hidden.to(
