@@ -9,9 +9,11 @@
 5. mla_absorb          options.kv_rewrite: MLA attention absorbed over the latent cache
                        (independent of the MoE passes; before decode_gemv, which must not
                        see the kv_b_proj expansion it erases)
-6. linear_precision    options.quantize_linears: the other linears packed like the experts
+6. gqa_decode          options.kv_rewrite: GQA attention over the KV cache in place, only
+                       the valid slots (after mla_absorb, whose MLA attention is not GQA)
+7. linear_precision    options.quantize_linears: the other linears packed like the experts
                        (after mla_absorb, which reads kv_b_proj as it is; before decode_gemv)
-7. decode_gemv         CPU batch-1 decode: one-row bf16 linears as torch.mv (after capture)
+8. decode_gemv         CPU batch-1 decode: one-row bf16 linears as torch.mv (after capture)
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from __future__ import annotations
 import os
 
 from moecc.capture.report import PassResult
-from moecc.passes import (decode_gemv, expert_fusion, linear_precision, lower_kernels, mla_absorb,
+from moecc.passes import (decode_gemv, expert_fusion, gqa_decode, linear_precision, lower_kernels, mla_absorb,
                           precision_lowering, prune_experts)
 from moecc.passes.context import PassContext
 
-PIPELINE = (expert_fusion, prune_experts, precision_lowering, lower_kernels, mla_absorb, linear_precision,
-            decode_gemv)
+PIPELINE = (expert_fusion, prune_experts, precision_lowering, lower_kernels, mla_absorb, gqa_decode,
+            linear_precision, decode_gemv)
 
 
 def run_pipeline(ctx: PassContext, graph_index: int = 0) -> list[PassResult]:
