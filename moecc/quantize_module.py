@@ -13,7 +13,10 @@ instead of the originals: each captured MoE block (the module capture recognises
     and down [E', K, N/P] with fp32 scales (backends/reference/quantized.py's layout),
     biases in their dtype, and the layer spec (weight_format, group_size, activations)
 
-and the block's expert weights are released (their parameters emptied) layer by layer.
+and the block (with its expert stacks) is dropped, layer by layer: nothing in moecc keeps a
+reference to it, so its storages are freed unless the caller holds one (of the old block
+or its parameters). Packing runs without autograd: a graph from the packed scales back
+to the parameters would keep them alive.
 
 How a block becomes a layer: the model runs once under a throw-away torch.compile backend
 that calls moecc's capture (recognition + numerical verification, exactly the backend's),
@@ -155,19 +158,21 @@ def quantize_(model: torch.nn.Module, config: Any, *, example_inputs: Optional[S
         if mismatch:
             report.layers.append(LayerResult(path, "kept", why=mismatch))
             continue
-        canon_spec, canon = canonical_layer(spec, weights)  # views where the layout allows
-        chosen, why = _choose(canon_spec, canon, layer_config, seed=index)
+        with torch.no_grad():  # no autograd graph: it would keep the original parameters alive
+            canon_spec, canon = canonical_layer(spec, weights)  # views where the layout allows
+            chosen, why = _choose(canon_spec, canon, layer_config, seed=index)
         if chosen is None:
             report.layers.append(LayerResult(path, "kept", why=why))
             continue
         cfg, packed, (weight_sqnr, output_sqnr) = chosen
         kept = {f: getattr(canon, f) for f in MOE_WEIGHT_FIELDS if f not in PACKED_SOURCES}
         new_weights = MoEWeights(**{**{f: _detached(t) for f, t in kept.items()}, **{f: None for f in PACKED_SOURCES},
-                                    **packed})
+                                    **{f: t.detach() for f, t in packed.items()}})
         result = LayerResult(path, format_name(cfg), weight_sqnr, output_sqnr, why)
         module = QuantizedMoELayer(lowered_spec(canon_spec, cfg), new_weights, result.line(), extra_outputs=extra)
         set_submodule_in_place(model, path, module)
-        _release(block, [getattr(weights, f) for f in PACKED_SOURCES] + [getattr(canon, f) for f in PACKED_SOURCES])
+        # Drop this loop's references: the old block held the last others, so the original
+        # stacks are freed here, before the next layer is packed (tests check it).
         del block, weights, canon, packed, chosen, new_weights, kept
         report.layers.append(result)
     report.param_bytes_after = tensor_bytes(model)
@@ -220,10 +225,9 @@ def _capture(model, inputs, kwargs) -> tuple[list, list[str]]:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # uncaptured regions are reported as notes
         compiled(*inputs, **kwargs)
-    # Dynamo keeps the traced frames (and through them the model's tensors) for reuse;
-    # drop this throw-away backend's cache so the original stacks can be freed.
-    torch._dynamo.eval_frame.remove_from_cache(type(model).forward)
-    return list(found.values()), sorted(set(notes))
+    layers = list(found.values())
+    found.clear()  # Dynamo's cache keeps the backend (and its closure) alive: no tensors in it
+    return layers, sorted(set(notes))
 
 
 def _whole_block_check(block, spec: MoELayerSpec, weights: MoEWeights) -> tuple[int, str]:
@@ -255,13 +259,3 @@ def _whole_block_check(block, spec: MoELayerSpec, weights: MoEWeights) -> tuple[
         return 0, (f"the block computes more than its captured MoE region ({frac:.0%} of tokens differ: "
                    "a trailing norm?)")
     return extra, ""
-
-
-def _release(block: torch.nn.Module, tensors: list) -> None:
-    """Empty every parameter / buffer of the replaced block that holds a packed-away expert
-    stack, so its storage is freed even if something still references the old block."""
-    ptrs = {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor) and t.numel()}
-    for module in block.modules():
-        for name, t in [*module._parameters.items(), *module._buffers.items()]:
-            if t is not None and t.numel() and t.untyped_storage().data_ptr() in ptrs:
-                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
