@@ -80,3 +80,33 @@ def test_unaligned_packed_weights_and_inputs_run():
     assert odd.data_ptr() % 64 and x.data_ptr() % 64
     out = torch.ops.moecc.quantized_linear(x, odd, scales, None, "int8", 0, "float")
     check_close(out, ql.reference_linear(x, packed, scales, None, "int8", 0, "float"), torch.float32)
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("w_dtype,x_dtype,in_fp32", [(torch.bfloat16, torch.bfloat16, False),
+                                                     (torch.bfloat16, torch.bfloat16, True),
+                                                     (torch.float16, torch.float16, False),
+                                                     (torch.float32, torch.float32, False),
+                                                     (torch.float32, torch.bfloat16, True)])
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_tvm_router_gemv_matches_reference_logits(w_dtype, x_dtype, in_fp32, tokens):
+    """The TVM op's decode router (linear.dense_gemv) against reference router_logits: the
+    logits agree to fp32 tolerance (in_fp32) or to one rounding of the model's dtype, and
+    an odd E (a pruned router) works."""
+    from moecc.backends.reference.routing import router_logits
+    from moecc.backends.tvm.op import _router_logits
+    from moecc.spec import RouterSpec
+    from moecc.weights import make_weights
+
+    gen = torch.Generator().manual_seed(tokens)
+    e, k = 69, 256
+    w = (torch.randn(e, k, generator=gen) * k ** -0.5).to(w_dtype)
+    x = torch.randn(tokens, k, generator=gen).to(x_dtype)
+    spec = RouterSpec(e, 4, logits_in_fp32=in_fp32)
+    weights = make_weights(router_weight=w, gate_up=torch.zeros(e, 2, k), down=torch.zeros(e, k, 1))
+    got = _router_logits(x, weights, spec)
+    expected = router_logits(x, w, None, spec)
+    assert got.dtype == torch.float32 and got.shape == (tokens, e)
+    check_close(got, expected, torch.float32 if in_fp32 or x_dtype == torch.float32 else x_dtype)
+    if not in_fp32 and x_dtype != torch.float32:  # rounded to the model's dtype like the model
+        assert torch.equal(got, got.to(x_dtype).float())
