@@ -42,7 +42,7 @@ from moecc.routing_report import SUPER_FACTOR
 from moecc.routing_stats import LayerStats, RoutingStats, RoutingStatsError, load_stats
 
 CRITERIA = ("reap", "reap_sum", "frequency", "random")
-CONFIG_KEYS = ("stats", "keep", "max_loss", "criterion", "protect_super_experts", "seed", "certified")
+CONFIG_KEYS = ("stats", "keep", "max_loss", "data", "criterion", "protect_super_experts", "seed", "certified")
 
 
 class PruningError(ValueError):
@@ -61,6 +61,8 @@ class PruneConfig:
     seed: int = 0
     stats_source: str = ""  # the path given, or "RoutingStats object"
     certified: bool = False  # also remove experts moecc.expert_certificates proves unreachable
+    max_loss: Optional[float] = None  # nats per token: the pass chooses keep (moecc/pruning_budget.py)
+    data: Any = field(default=None, compare=False, repr=False)  # max_loss's text path or token ids [N, W]
 
 
 @dataclass(frozen=True)
@@ -107,9 +109,20 @@ def parse_prune_config(value: Any) -> Optional[PruneConfig]:
     unknown = sorted(set(value) - set(CONFIG_KEYS))
     if unknown:
         raise PruningError(f"unknown key(s) {unknown}; valid keys: {', '.join(CONFIG_KEYS)}")
-    if value.get("max_loss") is not None:
-        raise PruningError("'max_loss' is not built into the pass yet: choose keep on held-out data with "
-                           "moecc.pruning.keep_for_max_loss(model, stats, batches, max_loss) and pass 'keep'")
+    max_loss = value.get("max_loss")
+    if max_loss is not None:
+        if isinstance(max_loss, bool) or not isinstance(max_loss, (int, float)) or not math.isfinite(max_loss) \
+                or max_loss <= 0:
+            raise PruningError(f"'max_loss' is the allowed rise of the mean next-token loss in nats, > 0; "
+                               f"got {max_loss!r}")
+        if "keep" in value:
+            raise PruningError("give 'keep' or 'max_loss', not both: with 'max_loss' the pass chooses keep")
+        if "stats" not in value:
+            raise PruningError("'max_loss' needs 'stats' (the experts are ranked by them)")
+    data = value.get("data")
+    if data is not None and not (isinstance(data, str) or (isinstance(data, torch.Tensor) and data.dim() == 2)):
+        raise PruningError(f"'data' (for max_loss) must be a text file or folder, or token ids [N, W]; "
+                           f"got {type(data).__name__}")
     certified = value.get("certified", False)
     if not isinstance(certified, bool):
         raise PruningError(f"'certified' must be True or False, got {certified!r}")
@@ -149,7 +162,8 @@ def parse_prune_config(value: Any) -> Optional[PruneConfig]:
     seed = value.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise PruningError(f"'seed' must be an int, got {seed!r}")
-    return PruneConfig(stats, float(keep), criterion, protect, seed, source, certified)
+    return PruneConfig(stats, float(keep), criterion, protect, seed, source, certified,
+                       None if max_loss is None else float(max_loss), data)
 
 
 def super_experts(layer: LayerStats) -> list[int]:

@@ -4,7 +4,9 @@ Matches: every moecc layer node, when options.prune_experts is set (moecc/prunin
 Needs:   expert_fusion before it (canonical stacks gate_up [E+S, 2N, K], down [E+S, K, N],
          shared experts appended after the routed ones); precision_lowering and
          lower_kernels after it (they quantise and bind the smaller stacks).
-Does:    plans per layer with moecc.pruning.plan_pruning (criterion, keep, super experts,
+Does:    with max_loss, first chooses keep by running this graph on data with candidate
+         plans masked (moecc/pruning_budget.py); then
+         plans per layer with moecc.pruning.plan_pruning (criterion, keep, super experts,
          group floors from the layer's router spec), then replaces the layer's expert
          stacks (and expert biases) by copies holding only the kept routed experts and the
          shared ones: E' = E - removed rows, so what the kernels read and their grid
@@ -41,6 +43,8 @@ Notes:   per layer: experts removed, how routing was rewritten, bytes saved, pla
 
 from __future__ import annotations
 
+import dataclasses
+
 from moecc.capture.report import PassResult
 from moecc.passes.context import PassContext
 from moecc.pruning import LayerPlan, PruningError, group_floor, plan_pruning
@@ -65,9 +69,17 @@ def run(ctx: PassContext) -> PassResult:
     plan = None
     if config.stats is not None:
         _check_fit(config, [spec for _, spec in nodes], _transformers_model_types(ctx.gm))
+        budget = ""
+        if config.max_loss is not None:
+            from moecc.pruning_budget import keep_for_loss_bound
+
+            keep, budget = keep_for_loss_bound(ctx, config, groups)
+            config = dataclasses.replace(config, keep=keep)
         plan = plan_pruning(config.stats, config, groups)
     notes = [f"prune_experts: keep {config.keep:g} by {config.criterion} ({config.stats_source})"
              + (", and experts proven unreachable" if config.certified else "")]
+    if config.stats is not None and budget:
+        notes.append(budget)
     saved = 0
     for node, spec in nodes:
         name = spec.source

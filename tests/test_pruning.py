@@ -37,7 +37,6 @@ def _stats(counts, reap=None, max_activation=None, top_k=2, name="model.layers.0
     ({"stats": "S", "keep": "half"}, "in (0, 1]; got 'half'"),
     ({"stats": "S", "criterion": "l2"}, "'criterion' must be one of 'reap', 'reap_sum', 'frequency', 'random'"),
     ({"stats": "S", "keeps": 0.5}, "unknown key(s) ['keeps']; valid keys: stats, keep"),
-    ({"stats": "S", "max_loss": 0.01}, "'max_loss' is not built into the pass yet"),
     ({"stats": 3}, "'stats' must be a path or a moecc.RoutingStats"),
     (0.75, "expected a dict"),
     ({"certified": "yes"}, "'certified' must be True or False, got 'yes'"),
@@ -216,6 +215,55 @@ def test_keep_for_max_loss_stops_before_the_bound():
         assert loss() - base <= 0.01
 
 
+def test_max_loss_in_the_pass_chooses_the_eager_keep():
+    """The pass measures the loss on the captured graph with candidate plans masked and
+    picks what moecc.pruning.keep_for_max_loss picks eagerly on the same windows."""
+    from moecc.eval_data import domain_windows, load_texts
+    from moecc.models import HELDOUT_DIR
+    from moecc.pruning import keep_for_max_loss
+
+    model, stats = trained_model("qwen3-moe-stdlib-noaux"), trained_stats("qwen3-moe-stdlib-noaux")
+    data = domain_windows(load_texts(HELDOUT_DIR), 128, 8192)["code"][-4:]  # [4, 128], not calibrated on
+    want = keep_for_max_loss(model, stats, [data[:2], data[2:]], max_loss=0.02, criterion="frequency")
+    assert want < 1.0  # the bound lets something go, so a pass that prunes nothing fails
+    option = {"stats": stats, "max_loss": 0.02, "criterion": "frequency", "data": data}
+    report = moecc.CompileReport()
+    compiled = torch.compile(model, backend="moecc", options={
+        "prune_experts": option, "report": report, "kernel_backend": "reference", "rest_of_graph": "eager"})
+    with torch.no_grad():
+        got = compiled(input_ids=data[:2]).logits
+        with mask_experts(model, plan_for_model(model, parse_prune_config(
+                {"stats": stats, "keep": want, "criterion": "frequency"}))):
+            masked = model(input_ids=data[:2]).logits
+    torch._dynamo.reset()
+    text = report.format()
+    assert f"keep {want:g} chosen on 4 windows of 128 tokens" in text, text
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, masked, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("value,message", [
+    ({"stats": "S", "max_loss": 0.01, "keep": 0.5}, "give 'keep' or 'max_loss', not both"),
+    ({"stats": "S", "max_loss": 0}, "'max_loss' is the allowed rise"),
+    ({"stats": "S", "max_loss": float("nan")}, "'max_loss' is the allowed rise"),
+    ({"stats": "S", "max_loss": 0.1, "data": 3}, "'data' (for max_loss) must be a text file or folder"),
+])
+def test_bad_max_loss_options(value, message):
+    stats = _stats([3, 1, 2, 2])
+    with pytest.raises(PruningError, match=_escape(message)):
+        parse_prune_config({**value, "stats": stats})
+
+
+def test_max_loss_without_data_names_the_problem():
+    model, stats = trained_model("qwen3-moe-stdlib-noaux"), trained_stats("qwen3-moe-stdlib-noaux")
+    compiled = torch.compile(model, backend="moecc", options={
+        "prune_experts": {"stats": stats, "max_loss": 0.01}, "kernel_backend": "reference", "rest_of_graph": "eager"})
+    with pytest.raises(Exception, match="max_loss: the statistics name no data path that exists here"):
+        with torch.no_grad():
+            compiled(input_ids=_ids())
+    torch._dynamo.reset()
+
+
 def test_explain_prune_shows_removed_experts_and_bytes(tmp_path, capsys):
     from moecc.cli import main
 
@@ -227,3 +275,24 @@ def test_explain_prune_shows_removed_experts_and_bytes(tmp_path, capsys):
     assert main(["explain", "qwen3-moe-stdlib", "--prune", str(path), "--keep", "0"]) == 2
     assert "--prune: 'keep' is the fraction of experts kept per layer" in capsys.readouterr().out
     torch._dynamo.reset()
+
+
+@pytest.mark.slow  # up to 7 graph runs over 32 windows; the default run covers max_loss with given token ids
+def test_max_loss_reads_the_text_the_statistics_name_held_out():
+    import copy
+
+    from moecc.models import HELDOUT_DIR
+
+    model = trained_model("qwen3-moe-stdlib-noaux")
+    stats = copy.copy(trained_stats("qwen3-moe-stdlib-noaux"))
+    stats.data, stats.extra = f"{HELDOUT_DIR} (code 4096 bytes, english 4096 bytes)", {"max_bytes": 4096}
+    report = moecc.CompileReport()
+    compiled = torch.compile(model, backend="moecc", options={
+        "prune_experts": {"stats": stats, "max_loss": 0.05}, "report": report, "kernel_backend": "reference",
+        "rest_of_graph": "eager"})
+    with torch.no_grad():
+        out = compiled(input_ids=_ids()[:, :64]).logits
+    torch._dynamo.reset()
+    text = report.format()
+    assert torch.isfinite(out).all()
+    assert f"windows of 64 tokens ({HELDOUT_DIR}, held out: after the calibrated bytes)" in text, text
