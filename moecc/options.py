@@ -48,9 +48,11 @@ class CompileOptions:
         format, each under the config's weight-SQNR bound; False (default) lowers only the
         routed experts.
     prune_experts: remove rarely used experts (passes/prune_experts.py, moecc/pruning.py,
-        docs/pruning.md): None, or {"stats": PATH or RoutingStats, "keep": 0.75,
-        "criterion": "reap" | "frequency" | "random", "protect_super_experts": True,
-        "seed": 0, "certified": False}; "certified": True (with or without statistics) also
+        docs/pruning.md): None, or {"stats": PATH or RoutingStats, "keep": 0.75 (or
+        "max_loss": nats, with optional "data": the pass then chooses keep on held-out
+        text, moecc/pruning_budget.py), "criterion": "reap" | "reap_sum" | "frequency" |
+        "random", "protect_super_experts": True, "seed": 0, "certified": False};
+        "certified": True (with or without statistics) also
         removes experts the router weights prove unreachable (moecc/expert_certificates.py).
         Statistics that do not fit the model are an error, never ignored.
     kv_rewrite: rewrite attention over the KV cache where it matches exactly: multi-head
