@@ -21,7 +21,7 @@ fp32; rows with no visible slot give zeros (as torch's SDPA does), also with sin
 The KV cache is read where it is: no repeated heads are materialised; the query is regrouped
 to [B, Hkv, G*S, D] (a view) so each KV head's cache is read once for its G query heads.
 
-Valid length. On the CPU the op first reads the mask on the host (one small reduction of
+Valid length. On the CPU the op first reads the mask on the host (small reductions of
 [.., S, L] booleans) and attends only over the slots [first, last] any query may see: a
 2k-token conversation in an 8k static cache reads 2k slots, and a sliding layer reads its
 window. Cutting is exact: hidden slots contribute exactly zero (exp of -inf, or of
@@ -189,6 +189,8 @@ def gqa_decode_attention_reference(query: torch.Tensor, key: torch.Tensor, value
         if (lo, hi) != (0, l):
             key, value = key[:, :, lo:hi], value[:, :, lo:hi]  # views of the cache, no copy
             mask = mask[..., lo:hi] if mask is not None else None
+        if mask is not None and mask.dtype == torch.bool and bool(mask.all()):
+            mask = None  # every kept slot visible (batch 1 decode): the kernel needs no mask
     flash_ok = (on_cpu and query.dtype in _FLASH_DTYPES and key.dtype == value.dtype == query.dtype
                 and value.shape[-1] == query.shape[-1])
     if kernel == "flash" and not flash_ok:
