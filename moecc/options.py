@@ -57,7 +57,9 @@ class CompileOptions:
         Statistics that do not fit the model are an error, never ignored.
     kv_rewrite: rewrite attention over the KV cache where it matches exactly: multi-head
         latent attention (DeepSeek-V2/V3-style MLA) runs absorbed over the latent cache
-        (passes/mla_absorb.py, moecc/mla.py, docs/kv_cache.md); False leaves it as captured.
+        (passes/mla_absorb.py, moecc/mla.py), grouped-query attention reads the cache in
+        place, without repeated heads, only over the valid slots on the CPU
+        (passes/gqa_decode.py, moecc/gqa.py); docs/kv_cache.md. False leaves it as captured.
     mode: torch.compile's mode. torch.compile refuses `mode=` together with `options=`,
         so the mode may also be given as options={"mode": "reduce-overhead", ...}.
     report: a moecc.CompileReport the caller owns; every compiled graph appends what
