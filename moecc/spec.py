@@ -282,11 +282,13 @@ def _parse_spec(text: str) -> MoELayerSpec:
         raise SpecError(f"not a valid moecc layer spec: {exc}") from exc
 
 
-def kernel_unsupported(spec: MoELayerSpec) -> list[str]:
-    """Variants of this layer that only the reference op implements (empty: every backend).
+def kernel_unsupported(spec: MoELayerSpec, backend: str = "") -> list[str]:
+    """Variants of this layer that only the reference op implements (empty: every backend;
+    with `backend` "tvm" or "triton": that backend).
 
     The Triton and TVM kernels implement the variants their docs list (softmax / sigmoid /
     top-k-softmax routing with groups and biases; SiLU, tanh-GELU and GPT-OSS SwiGLU);
+    the TVM op also masked (pruned) experts (it routes with the reference router);
     the lowering pass keeps a layer that needs anything else on the reference op.
     """
     missing = []
@@ -298,7 +300,7 @@ def kernel_unsupported(spec: MoELayerSpec) -> list[str]:
         missing.append("selection on raw logits")
     if spec.router.renormalize_min:
         missing.append("renormalisation clamp")
-    if spec.router.masked_experts:
+    if spec.router.masked_experts and backend != "tvm":
         missing.append("masked (pruned) experts")
     if spec.experts.activation in ("gelu", "swiglu_softcap"):
         missing.append(f"{spec.experts.activation} activation")

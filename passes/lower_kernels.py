@@ -73,8 +73,8 @@ def run(ctx: PassContext) -> PassResult:
         if chosen != "reference" and not spec.experts.canonical:
             notes.append(f"{spec.source}: layout not canonical, kept on the reference kernels")
             chosen = "reference"
-        elif chosen != "reference" and kernel_unsupported(spec):
-            notes.append(f"{spec.source}: the {chosen} kernels lack {', '.join(kernel_unsupported(spec))}; "
+        elif chosen != "reference" and kernel_unsupported(spec, chosen):
+            notes.append(f"{spec.source}: the {chosen} kernels lack {', '.join(kernel_unsupported(spec, chosen))}; "
                          "kept on the reference kernels")
             chosen = "reference"
         elif chosen != "reference" and spec.experts.weight_format != "dense" \

@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from moecc.backends.reference.routing import route, router_logits
+from moecc.backends.reference.routing import route, router_logits, stack_index
 from moecc.backends.tvm.activation import ActivationSpec
 from moecc.backends.tvm import row_chunks
 from moecc.backends.tvm.align import align_tokens_by_expert, with_shared_experts
@@ -43,19 +43,20 @@ def kernel_key(spec: MoELayerSpec, dtype: torch.dtype, target: TargetSpec, confi
     """The KernelKey (config resolved through the tuning database) and the config's source."""
     e_spec = spec.experts
     r_spec = spec.router
+    e_stack = r_spec.num_experts - len(r_spec.masked_experts)  # routed stack rows: masked (pruned) have none
     if dtype not in _DTYPE_NAMES:
         raise TypeError(f"TVM MoE kernels take {list(_DTYPE_NAMES)}, not {dtype}")
     dtype_name = _DTYPE_NAMES[dtype]
     resolved = resolve_config(
         config, target_kind=target.kind,
-        shape=(r_spec.num_experts, e_spec.intermediate_size, e_spec.hidden_size, r_spec.top_k),
+        shape=(e_stack, e_spec.intermediate_size, e_spec.hidden_size, r_spec.top_k),
         dtype=dtype_name, num_tokens=num_tokens, device_key=dev_key or f"{target.kind}",
     )
     config = resolved.config.fitted(target.kind, e_spec.intermediate_size, e_spec.hidden_size)
     if e_spec.weight_format != "dense":
         config = fit_groups(config, e_spec)
     key = KernelKey(
-        num_experts=r_spec.num_experts + e_spec.num_shared,
+        num_experts=e_stack + e_spec.num_shared,
         n=e_spec.intermediate_size,
         k=e_spec.hidden_size,
         top_k=r_spec.top_k + e_spec.num_shared,
@@ -122,7 +123,8 @@ def moe_layer(hidden: torch.Tensor, weights: MoEWeights, spec: MoELayerSpec,
     if hidden.dim() != 2 or hidden.shape[1] != e_spec.hidden_size:
         raise ValueError(f"moe_layer expects hidden states [T, {e_spec.hidden_size}], got {tuple(hidden.shape)}")
     n, k = e_spec.intermediate_size, e_spec.hidden_size
-    e_total = spec.router.num_experts + e_spec.num_shared
+    e_routed = spec.router.num_experts - len(spec.router.masked_experts)  # stack rows of routed experts
+    e_total = e_routed + e_spec.num_shared
     gate_up, down = weights.gate_up, weights.down
     p = 2 if e_spec.weight_format == "int4" else 1  # values per stored element
     if tuple(gate_up.shape) != (e_total, 2 * n, k // p) or tuple(down.shape) != (e_total, k, n // p):
@@ -136,9 +138,9 @@ def moe_layer(hidden: torch.Tensor, weights: MoEWeights, spec: MoELayerSpec,
         return hidden.new_empty(0, k)
 
     logits = _router_logits(hidden, weights, spec.router)  # [T, E] fp32
-    topk_w, topk_ids = route(logits, spec.router, weights.correction_bias)  # [T, k] x2
-    topk_w, topk_ids = with_shared_experts(topk_w, topk_ids, spec.router.num_experts,
-                                           e_spec.num_shared)  # [T, k'] x2
+    topk_w, topk_ids = route(logits, spec.router, weights.correction_bias)  # [T, k] x2, router ids
+    topk_ids = stack_index(topk_ids, spec.router)  # stack rows (masked experts have none)
+    topk_w, topk_ids = with_shared_experts(topk_w, topk_ids, e_routed, e_spec.num_shared)  # [T, k'] x2
 
     target = target_for(hidden.device.type, hidden.device.index or 0)
     dev_key = device_key(target, hidden.device.index or 0)
