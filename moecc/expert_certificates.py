@@ -4,7 +4,7 @@
     plan = certified_plan(model, certs)       # a moecc.pruning.PrunePlan
     with mask_experts(model, plan): ...       # outputs unchanged, by the certificates
 
-An expert j is unreachable when no input can select it. Two proofs:
+An expert j is unreachable when no input can select it. Three proofs:
 
 - "masked": its selection score is -inf for every input (a correction bias of -inf, or a
   router bias of -inf where logits rank), at least top_k others are finite, no groups.
@@ -22,6 +22,12 @@ An expert j is unreachable when no input can select it. Two proofs:
   whose norm is at most sqrt(K) * max|g| for every x (rmsnorm_input_bound). That is the
   only assumption about the model, and certify_model refuses a block whose decoder layer
   has no such norm.
+- "duplicate": like dominated, with witnesses whose router row equals j's: then l_i - l_j
+  = b_i - b_j for every h, so under sigmoid scoring or softmax probabilities plus a
+  correction bias (ERNIE-style; no other proof covers it) i is ahead of j whenever
+  b_i >= b_j and c_i > c_j (both scores are monotone in the logit). Assumes equal rows give
+  bitwise-equal logits (one GEMM, one reduction order per output); with equal biases too
+  the two experts tie and neither is certified.
 A margin of 1e-6 relative is kept on each inequality against rounding. Trained routers
 rarely have such experts (the shipped models have none); hand-masked or collapsed
 routers do.
@@ -42,7 +48,7 @@ MARGIN = 1e-6
 @dataclass(frozen=True)
 class Certificate:
     expert: int
-    kind: str                 # "masked" or "dominated"
+    kind: str                 # "masked", "dominated" or "duplicate"
     witnesses: tuple          # experts proven ahead of it (dominated) or () (masked)
     detail: str               # the inequality that holds, in numbers
 
@@ -75,8 +81,9 @@ def certify(router: RouterFacts, input_bound: float) -> list[Certificate]:
     by_sigmoid = router.scoring == "sigmoid" and not router.select_on_logits
     if router.scoring not in ("softmax", "sigmoid", "topk_softmax"):
         return []
-    if router.scoring == "softmax" and router.correction is not None and not router.select_on_logits:
-        return []  # softmax probability + bias: the probability depends on all logits; no proof here
+    # Softmax probability + correction bias: a probability depends on all logits, so only
+    # the duplicate-row proof below applies (equal rows rank by their biases alone).
+    prob_plus_bias = router.scoring == "softmax" and router.correction is not None and not router.select_on_logits
     # -inf selection score: a correction bias, or a router bias where logits rank (under
     # sigmoid scoring a -inf logit still scores 0 + c).
     score_inf = torch.isinf(c) & (c < 0)  # [E]
@@ -95,7 +102,14 @@ def certify(router: RouterFacts, input_bound: float) -> list[Certificate]:
             continue
         group = range(e) if router.n_group == 1 else range((j // size) * size, (j // size + 1) * size)
         ahead = []
+        duplicates = []
         for i in (i for i in group if i != j and not score_inf[i]):
+            if (by_sigmoid or prob_plus_bias) and _duplicate_ahead(w, b, c, i, j):
+                ahead.append(i)
+                duplicates.append(i)
+                continue
+            if prob_plus_bias:
+                continue
             spread = float(dist[i, j]) * input_bound
             if by_sigmoid:
                 need = min(1.0, (spread + abs(float(b[i] - b[j]))) / 4)
@@ -107,10 +121,21 @@ def certify(router: RouterFacts, input_bound: float) -> list[Certificate]:
         # Under groups (top-2-sum group scores) j must also never be among its group's top
         # two, or masking it would change its group's score.
         if len(ahead) >= (max(router.top_k, 2) if router.n_group > 1 else router.top_k):
-            certs.append(Certificate(j, "dominated", tuple(ahead),
+            certs.append(Certificate(j, "duplicate" if duplicates else "dominated", tuple(ahead),
                                      f"{len(ahead)} >= top-{router.top_k} experts ahead for every ||h|| <= "
-                                     f"{input_bound:.3g}"))
+                                     f"{input_bound:.3g}" + (f"; router row equal to experts {duplicates}', "
+                                                             "whose correction bias is higher" if duplicates else "")))
     return sorted(certs, key=lambda cert: cert.expert)
+
+
+def _duplicate_ahead(w: torch.Tensor, b: torch.Tensor, c: torch.Tensor, i: int, j: int) -> bool:
+    """Expert i scores above j for every input: equal router rows (so equal W h), router
+    bias b_i >= b_j (so sigmoid(l_i) >= sigmoid(l_j), and softmax p_i >= p_j: both are
+    monotone in the logit), and a correction bias higher by more than the rounding margin
+    (scores are fp32 in (0, 1] plus c)."""
+    gap = float(c[i] - c[j])
+    return bool(torch.equal(w[i], w[j])) and float(b[i]) >= float(b[j]) and \
+        gap > MARGIN * (1 + abs(float(c[i])) + abs(float(c[j])))
 
 
 def router_facts(gate) -> RouterFacts:

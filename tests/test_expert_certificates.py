@@ -20,6 +20,8 @@ def _selected(facts: RouterFacts, h: torch.Tensor) -> set[int]:
     """Experts the router selects for inputs h [T, K] (logit ranking or sigmoid + bias)."""
     logits = h.double() @ facts.weight.double().T + (facts.bias.double() if facts.bias is not None else 0)
     choice = torch.sigmoid(logits) if facts.scoring == "sigmoid" else logits
+    if facts.scoring == "softmax" and facts.correction is not None:
+        choice = torch.softmax(logits, dim=-1)  # probability + bias (ERNIE-style)
     if facts.correction is not None:
         choice = choice + facts.correction.double()
     return set(choice.topk(facts.top_k, dim=-1).indices.reshape(-1).tolist())
@@ -64,6 +66,33 @@ def test_sigmoid_correction_bias_certificate_is_sound():
     assert 6 not in _selected(facts, _adversarial(facts, 6, bound))
     corr[6] = -0.01  # a tiny bias: nothing provable
     assert certify(facts, bound) == []
+
+
+def test_duplicated_router_rows_rank_by_their_biases():
+    """Rows 0, 1, 2 equal: under softmax probability + correction bias (no other proof)
+    expert 2, with two equal-row experts of higher bias, is never selected, at any input
+    norm; equal biases tie and are not certified."""
+    gen = torch.Generator().manual_seed(3)
+    e, k, bound = 6, 16, 50.0
+    w = torch.randn(e, k, generator=gen)
+    w[1] = w[2] = w[0]
+    corr = torch.tensor([0.02, 0.01, 0.0, 0.0, 0.0, 0.0])
+    facts = RouterFacts(w, None, corr, top_k=2, scoring="softmax")
+    certs = certify(facts, bound)
+    assert [(c.expert, c.kind, set(c.witnesses)) for c in certs] == [(2, "duplicate", {0, 1})]
+    assert "router row equal to experts [0, 1]" in certs[0].detail
+    h = torch.cat([_adversarial(facts, 2, bound), _adversarial(facts, 2, 0.01)])
+    picked = _selected(facts, h)
+    assert 2 not in picked and {0, 1} <= picked  # the duplicates are reachable, the certified one not
+    corr[1] = 0.0  # now 1 and 2 tie: only one expert (0) is surely ahead of 2
+    assert certify(facts, bound) == []
+    # Sigmoid: the same rows with a router bias in 0's favour need only c_0 > c_2 (the
+    # general rule would ask c_0 - c_2 > (b_0 - b_2) / 4 = 0.25).
+    bias = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    corr = torch.tensor([0.02, 0.01, 0.0, 0.0, 0.0, 0.0])
+    sig = RouterFacts(w, bias, corr, top_k=2, scoring="sigmoid")
+    assert [c.expert for c in certify(sig, bound)] == [2]
+    assert 2 not in _selected(sig, _adversarial(sig, 2, bound))
 
 
 def test_certified_experts_removed_leave_the_trained_model_unchanged():
