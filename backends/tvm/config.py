@@ -105,7 +105,7 @@ def default_config(target_kind: str, num_tokens: int, num_experts: int, top_k: i
         # bf16, M = 1, weights from DRAM, configs alternated call by call): block_m 1 /
         # tile_n 8 3.56 ms, block_m 2 / tile_n 4 3.95 ms; other tiles within noise.
         # Software prefetch 256 weights ahead, same protocol: 3.67 -> 3.35 ms (bf16) and
-        # 6.36 -> 6.05 ms (fp32); 128 and 512 were between. Re-measured 2026-12-04 (same
+        # 6.36 -> 6.05 ms (fp32); 128 and 512 were between. Re-measured 2026-12-03 (same
         # Xeon, bf16, fresh routing every call, three layers cycled, configs alternated):
         # tile_n 1 / tile_k 2 / prefetch 1024 weights ahead 2.76-2.86 ms against 3.15-3.30
         # for tile_n 8 / tile_k 1 / 256 at M = 1, 18.6-19.1 against 20.9-21.5 at M = 8;

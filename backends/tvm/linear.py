@@ -48,7 +48,7 @@ def _config(rows: int, fmt: str = "int8") -> dict:
     2 KiB ahead; with int8 activations op.fit_groups sets 2 rows and 4 KiB, measured there),
     more rows share each weight tile in blocks of 4 (not measured)."""
     if rows <= 2 and fmt == "dense":
-        # Measured (2-core Xeon, 2026-12-04, bf16 weights cycled from DRAM): [128 x 2048]
+        # Measured (2-core Xeon, 2026-12-03, bf16 weights cycled from DRAM): [128 x 2048]
         # 23 us (2 rows per task, 4 KiB ahead) vs 25 (4 rows, 2 KiB), torch F.linear 38;
         # [4096 x 2048] 634 vs 670 us, torch.mv 681.
         return {"block_m": 1, "tile_n": 1, "tile_k": 2, "vec": 16, "prefetch": 4096}

@@ -93,7 +93,7 @@ def fit_groups(config, e_spec):
         if not lanes:
             raise ValueError(f"{e_spec.weight_format} weights with int8 activations need groups of a multiple "
                              f"of {16 * per_byte} columns dividing N={n}, K={k} (group size {e_spec.group_size})")
-        # Measured (2-core Xeon, 2026-12-03/04, E=128 N=768 K=2048 top-8, bf16 hidden, fresh
+        # Measured (2-core Xeon, 2026-12-03, E=128 N=768 K=2048 top-8, bf16 hidden, fresh
         # routing every call, a sweep of (tile_n, tile_k, prefetch)): for block_m <= 2,
         # one gate/up column pair and two down rows per task with prefetch 4 KiB ahead beat
         # the previous (2, 4, 2 KiB): w4a8 M=1 0.93-0.96 vs 1.03-1.11 ms, M=4 3.14 vs 3.62,
