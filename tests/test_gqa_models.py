@@ -112,6 +112,15 @@ def test_random_gpt_oss_sinks_and_sliding_window(quiet):
     assert any("sinks" in note for g in report.graphs for p in g.passes for note in p.notes)
 
 
+def test_trained_qwen3_moe_eager_attention(quiet):
+    """attn_implementation="eager" (matmul-softmax-matmul over repeat_kv): the eager form."""
+    model = build_model("qwen3-moe-stdlib")
+    model.set_attn_implementation("eager")
+    report = _check_model(model, 2, 9)
+    assert any("GQA over the KV cache in place (eager" in note for g in report.graphs for p in g.passes
+               for note in p.notes)
+
+
 def test_option_off_leaves_attention_as_captured(qwen3, quiet):
     report = _check_model(qwen3, 2, 7, kv_rewrite=False, rewritten=0)
     assert report.pass_counter("gqa_decode", "rewritten") == 0
