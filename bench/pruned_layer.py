@@ -9,7 +9,8 @@ and moecc.backends.tvm.moe_layer is timed on the same hidden states for each fra
 removed: per M, `--rounds` interleaved rounds (the machine is shared), each the median of
 `--calls` calls. Also printed per row: the roofline floor of the layer (moecc/roofline.py)
 at the read bandwidth and the torch bf16 GEMM rate measured in the same run, and the
-fraction of that floor reached. Top-k is fixed, so at large M the flops do not shrink
+fraction of that floor reached. `--compare-unchunked` also times every layer with
+backends/tvm/row_chunks.py off, interleaved (the A/B of that fix). Top-k is fixed, so at large M the flops do not shrink
 with E: pruning saves the weight reads (and memory), not arithmetic. A plain script.
 """
 
@@ -66,15 +67,20 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 512])
     p.add_argument("--calls", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--compare-unchunked", action="store_true",
+                   help="also time each layer with backends/tvm/row_chunks.py off (one range per expert), interleaved")
     args = p.parse_args()
     from moecc.backends.reference.routing import route, router_logits
-    from moecc.backends.tvm import moe_layer
+    from moecc.backends.tvm import moe_layer, row_chunks
+
+    chunk_bytes = {"on": row_chunks.CHUNK_BYTES, "off": 1 << 62}  # off: every expert one range
+    modes = ("on", "off") if args.compare_unchunked else ("on",)
 
     dtype = torch.bfloat16
     spec, w = make_layer(args.experts, dtype)
     layers = {f: prune(spec, w, round(f * args.experts)) for f in args.removed}
     g = torch.Generator().manual_seed(1)
-    times = {(m, f): [] for m in args.tokens for f in args.removed}
+    times = {(m, f, c): [] for m in args.tokens for f in args.removed for c in modes}
     # Fresh hidden states per call: at M = 1 each call routes to other experts, whose
     # weights then come from memory rather than the cache.
     inputs = {m: [torch.randn(m, K, generator=g).to(dtype) for _ in range(args.calls)] for m in args.tokens}
@@ -84,31 +90,35 @@ def main() -> None:
     for _ in range(args.rounds):
         for m, xs in inputs.items():
             for f, (s, lw) in layers.items():
-                samples = []
-                for x in xs:
-                    t0 = time.perf_counter()
-                    moe_layer(x, lw, s)
-                    samples.append(time.perf_counter() - t0)
-                times[(m, f)].append(statistics.median(samples))
+                for c in modes:
+                    row_chunks.CHUNK_BYTES = chunk_bytes[c]  # read at each call (op.run_kernels)
+                    samples = []
+                    for x in xs:
+                        t0 = time.perf_counter()
+                        moe_layer(x, lw, s)
+                        samples.append(time.perf_counter() - t0)
+                    times[(m, f, c)].append(statistics.median(samples))
+    row_chunks.CHUNK_BYTES = chunk_bytes["on"]
     bandwidth, peak = cpu_read_bandwidth(), gemm_rate(dtype)
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; TVM op, E={args.experts} "
           f"N={N} K={K} top-{TOP_K} bf16; {args.rounds} interleaved rounds of the median of {args.calls} calls; "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s, torch bf16 GEMM {peak / 1e9:.0f} GFLOP/s (same run)")
-    print("| M | removed | experts | best round (ms) | median round (ms) | time vs unpruned | distinct experts hit "
-          "| floor (ms) | fraction of floor |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| M | removed | experts | row chunks | best round (ms) | median round (ms) | time vs unpruned "
+          "| distinct experts hit | floor (ms) | fraction of floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for m, xs in inputs.items():
-        base = min(times[(m, args.removed[0])])
-        for f, (s, lw) in layers.items():
-            ids = route(router_logits(xs[0], lw.router_weight, None, s.router), s.router)[1]
-            hit = int(ids.unique().numel())
-            moved, flops = moe_layer_traffic(m, TOP_K, N, K, hit, 2, 2)
-            floor = floor_seconds(moved, flops, bandwidth, peak)
-            best = min(times[(m, f)])
-            print(f"| {m} | {f:.0%} | {s.router.num_experts} | {best * 1e3:.2f} | "
-                  f"{statistics.median(times[(m, f)]) * 1e3:.2f} | {best / base:.2f} | {hit} | {floor * 1e3:.2f} | "
-                  f"{floor / best:.0%} |", flush=True)
+        for c in modes:
+            base = min(times[(m, args.removed[0], c)])  # unpruned, same chunking
+            for f, (s, lw) in layers.items():
+                ids = route(router_logits(xs[0], lw.router_weight, None, s.router), s.router)[1]
+                hit = int(ids.unique().numel())
+                moved, flops = moe_layer_traffic(m, TOP_K, N, K, hit, 2, 2)
+                floor = floor_seconds(moved, flops, bandwidth, peak)
+                best = min(times[(m, f, c)])
+                print(f"| {m} | {f:.0%} | {s.router.num_experts} | {c} | {best * 1e3:.2f} | "
+                      f"{statistics.median(times[(m, f, c)]) * 1e3:.2f} | {best / base:.2f} | {hit} | "
+                      f"{floor * 1e3:.2f} | {floor / best:.0%} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def certify(router: RouterFacts, input_bound: float) -> list[Certificate]:
         if len(ahead) >= (max(router.top_k, 2) if router.n_group > 1 else router.top_k):
             certs.append(Certificate(j, "duplicate" if duplicates else "dominated", tuple(ahead),
                                      f"{len(ahead)} >= top-{router.top_k} experts ahead for every ||h|| <= "
-                                     f"{input_bound:.3g}" + (f"; router row equal to experts {duplicates}', "
+                                     f"{input_bound:.3g}" + (f"; router row equal to experts {duplicates}, "
                                                              "whose correction bias is higher" if duplicates else "")))
     return sorted(certs, key=lambda cert: cert.expert)
 

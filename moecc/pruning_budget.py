@@ -59,7 +59,7 @@ def keep_for_loss_bound(ctx, config: PruneConfig, groups: dict) -> tuple[float, 
         masked = {node: plan.layer(spec.source).removed for node, spec in specs.items()
                   if plan.layer(spec.source) is not None}
         loss = _loss(ctx, token_input[0], batches, specs, masked)
-        losses.append(f"{keep:g}: +{loss - base:.4f}")
+        losses.append(f"{keep:g}: {loss - base:+.4f}")
         if not loss - base <= config.max_loss:  # NaN stops too
             break
         best = keep
