@@ -44,7 +44,8 @@ def register(sub) -> None:
                         "report says per layer which format was chosen, its measured SQNR, and why")
     p.add_argument("--quantize-linears", action="store_true",
                    help="with --precision: the attention / dense / LM-head linears too (quantize_linears)")
-    p.add_argument("--criterion", default="reap", help="with --prune: reap, frequency or random")
+    p.add_argument("--criterion", default="reap",
+                   help="with --prune: reap, reap_sum, frequency or random (moecc.pruning.CRITERIA)")
     p.set_defaults(func=run)
 
 
