@@ -35,3 +35,23 @@ def assert_logits_close(compiled_logits: torch.Tensor, eager_logits: torch.Tenso
     scale = eager_logits.float().abs().max()
     err = (compiled_logits.float() - eager_logits.float()).abs().max() / scale
     assert err <= LOGIT_RTOL[eager_logits.dtype], f"relative logit error {err:.3e}"
+
+
+def greedy_generate(model, ids, mask, new_tokens: int, **kwargs):
+    """Greedy generate() of `new_tokens` -> (sequences [B, T], logits [B, new_tokens, V])."""
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kwargs)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def moecc_compile_config(report, **options):
+    """transformers CompileConfig for backend="moecc" on every device (reference op, rest of
+    the graph eager unless `options` say otherwise), reporting into `report`."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(backend="moecc", mode=None, fullgraph=False,
+                           options={"report": report, "kernel_backend": "reference", "rest_of_graph": "eager",
+                                    **options})
+    config._compile_all_devices = True  # transformers compiles the decode step on GPUs only by default
+    return config
+

@@ -11,7 +11,7 @@ import torch
 import moecc
 from moecc.models import build_model
 from moecc.tolerances import check_close
-from model_checks import LOGIT_RTOL
+from model_checks import LOGIT_RTOL, greedy_generate, moecc_compile_config
 
 NEW_TOKENS = 6
 
@@ -28,19 +28,7 @@ def _prompts(batch: int, vocab: int, length: int):
 
 
 def _generate(model, ids, mask, **kwargs):
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kwargs)
-    return out.sequences, torch.stack(out.logits, dim=1)  # [B, T], [B, NEW_TOKENS, V]
-
-
-def _moecc_config(report, **options):
-    from transformers import CompileConfig
-
-    config = CompileConfig(backend="moecc", mode=None, fullgraph=False,
-                           options={"report": report, "kernel_backend": "reference", "rest_of_graph": "eager",
-                                    **options})
-    config._compile_all_devices = True  # transformers compiles the decode step on GPUs only by default
-    return config
+    return greedy_generate(model, ids, mask, NEW_TOKENS, **kwargs)  # [B, T], [B, NEW_TOKENS, V]
 
 
 def _check_model(model, batch: int, length: int, dtype=torch.float32, rewritten: int = None,
@@ -55,11 +43,11 @@ def _check_model(model, batch: int, length: int, dtype=torch.float32, rewritten:
             expected, expected_logits = _generate(model, ids, mask)
         else:
             expected, expected_logits = _generate(model, ids, mask, cache_implementation="static",
-                                                  compile_config=_moecc_config(moecc.CompileReport(),
+                                                  compile_config=moecc_compile_config(moecc.CompileReport(),
                                                                                **{**options, "kv_rewrite": False}))
             torch._dynamo.reset()
         got, logits = _generate(model, ids, mask, cache_implementation="static",
-                                compile_config=_moecc_config(report, **options))
+                                compile_config=moecc_compile_config(report, **options))
     assert torch.equal(got, expected), f"batch {batch}: {got} != {expected}"
     if dtype == torch.float32:
         check_close(logits, expected_logits)

@@ -10,7 +10,7 @@ import torch
 import moecc
 from moecc.models import build_model
 from moecc.tolerances import check_close
-from model_checks import LOGIT_RTOL
+from model_checks import LOGIT_RTOL, greedy_generate, moecc_compile_config
 
 NEW_TOKENS = 6
 
@@ -43,19 +43,7 @@ def _prompts(batch: int, vocab: int):
 
 
 def _generate(model, ids, mask, **kwargs):
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kwargs)
-    return out.sequences, torch.stack(out.logits, dim=1)  # [B, T], [B, NEW_TOKENS, V]
-
-
-def _moecc_config(report, **options):
-    from transformers import CompileConfig
-
-    config = CompileConfig(backend="moecc", mode=None, fullgraph=False,
-                           options={"report": report, "kernel_backend": "reference", "rest_of_graph": "eager",
-                                    **options})
-    config._compile_all_devices = True  # transformers compiles the decode step on GPUs only by default
-    return config
+    return greedy_generate(model, ids, mask, NEW_TOKENS, **kwargs)  # [B, T], [B, NEW_TOKENS, V]
 
 
 def _check_model(model, batches=(1, 2), dtype=torch.float32, **options):
@@ -67,7 +55,7 @@ def _check_model(model, batches=(1, 2), dtype=torch.float32, **options):
         with torch.no_grad():
             expected, expected_logits = _generate(model, ids, mask)
             got, logits = _generate(model, ids, mask, cache_implementation="static",
-                                    compile_config=_moecc_config(report, **options))
+                                    compile_config=moecc_compile_config(report, **options))
         assert torch.equal(got, expected), f"batch {batch}: {got} != {expected}"
         if dtype == torch.float32:
             check_close(logits, expected_logits)
@@ -107,7 +95,7 @@ def test_option_off_leaves_attention_as_captured(random_v2, quiet):
     with torch.no_grad():
         expected, _ = _generate(random_v2, ids, mask)
         got, _ = _generate(random_v2, ids, mask, cache_implementation="static",
-                           compile_config=_moecc_config(report, kv_rewrite=False))
+                           compile_config=moecc_compile_config(report, kv_rewrite=False))
     assert torch.equal(got, expected)
     assert report.pass_counter("mla_absorb", "rewritten") == 0
 
