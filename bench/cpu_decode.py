@@ -18,7 +18,7 @@ caches; `--rounds` interleaves them and keeps each one's best median):
                "P+linears" also sets quantize_linears (attention and LM head packed too,
                counted at the format's bytes as well)
     llama.cpp  llama-cpp-python on a GGUF written from the same weights (F16, Q8_0,
-               Q4_K_M), batch 1; only when llama-cpp-python and gguf are installed (an
+               Q4_K_M), every batch (B sequences in one context); only when llama-cpp-python and gguf are installed (an
                optional peer, never in CI: bench/llamacpp_peer.py). GGUF files are kept
                in $MOECC_CACHE_DIR/gguf (default ~/.cache/moecc/gguf): Q4_K_M
                quantisation of the 4-layer model takes minutes.
@@ -202,7 +202,9 @@ def gguf_folder() -> Path:
 
 
 def llama_worker(cfg: CPUDecodeConfig) -> dict:
-    """llama.cpp decode of the same weights: batch 1, F16 / Q8_0 / Q4_K_M (files cached)."""
+    """llama.cpp decode of the same weights and prompts: F16 / Q8_0 / Q4_K_M (files cached),
+    every batch in `cfg.batches` (batch 1 through `Llama`, larger batches through the
+    low-level batch API, one sequence per prompt). Keys "QTYPE/BATCH"."""
     from moecc.bench import llamacpp_peer as peer
 
     folder = gguf_folder()
@@ -211,20 +213,22 @@ def llama_worker(cfg: CPUDecodeConfig) -> dict:
     if not f16.exists():
         peer.write_gguf(build_model(cfg, torch.float32), f16, dtype="f16", progress=False)
     threads = cfg.threads or torch.get_num_threads()
-    ids = prompt_ids(cfg, 1)[0].tolist()
     out: dict = {"F16_tensor_bytes": peer.gguf_tensor_bytes(f16)}
     for q in LLAMA_QUANTS:
         path = f16 if q == "F16" else f16.with_name(f16.name.replace("-F16", f"-{q}"))
-        try:
-            if not path.exists():
-                peer.quantize_gguf(f16, path, q, progress=False)
-            res = peer.decode_ms_per_step(path, ids, cfg.new_tokens, threads)
-        except peer.LlamaCppUnavailable as exc:  # e.g. quantised files on a build with AMX kernels
-            out[f"{q}_unavailable"] = str(exc)
-            continue
-        steps = list(res["step_ms"])[cfg.skip_steps:]
-        out[q] = {"step_ms": statistics.median(steps), "min_step_ms": min(steps), "steps": len(steps),
-                  "tensor_bytes": peer.gguf_tensor_bytes(path)}
+        for batch in cfg.batches:
+            prompts = prompt_ids(cfg, batch).tolist()
+            try:
+                if not path.exists():
+                    peer.quantize_gguf(f16, path, q, progress=False)
+                res = (peer.decode_ms_per_step(path, prompts[0], cfg.new_tokens, threads) if batch == 1 else
+                       peer.decode_batch_ms_per_step(path, prompts, cfg.new_tokens, threads))
+            except peer.LlamaCppUnavailable as exc:  # e.g. quantised files on a build with AMX kernels
+                out[f"{q}_unavailable"] = str(exc)
+                break
+            steps = list(res["step_ms"])[cfg.skip_steps:]
+            out[f"{q}/{batch}"] = {"step_ms": statistics.median(steps), "min_step_ms": min(steps),
+                                   "steps": len(steps), "tensor_bytes": peer.gguf_tensor_bytes(path)}
     return out
 
 
@@ -315,16 +319,19 @@ def _assemble(cfg: CPUDecodeConfig, best: dict, bandwidths: list[float], notes: 
                     row["variants"][variant] = with_fraction(rec, nbytes) if nbytes else rec
             rows.append(row)
     llama = best.get(("llama.cpp", "-"), {})
-    batch1 = [r for r in rows if r["batch"] == 1 and r["weight_bytes_per_step"]]
-    if llama and batch1:
+    for batch in cfg.batches:
+        with_bytes = [r for r in rows if r["batch"] == batch and r["weight_bytes_per_step"]]
+        if not llama or not with_bytes:
+            continue
         # llama.cpp reads the same tensors in another encoding: its bytes per step are the
         # 16-bit bytes per step scaled by the file's tensor bytes over the F16 file's.
-        row = next((r for r in batch1 if r["dtype"] == "bf16"), batch1[0])
+        row = next((r for r in with_bytes if r["dtype"] == "bf16"), with_bytes[0])
         bytes16 = row["weight_bytes_per_step"] * 2 / DTYPES[row["dtype"]].itemsize
         for q in LLAMA_QUANTS:
-            if q in llama:
-                qbytes = bytes16 * llama[q]["tensor_bytes"] / llama["F16_tensor_bytes"]
-                row["variants"][f"llama.cpp {q}"] = with_fraction(dict(llama[q], weight_bytes_per_step=qbytes), qbytes)
+            rec = llama.get(f"{q}/{batch}")
+            if rec:
+                qbytes = bytes16 * rec["tensor_bytes"] / llama["F16_tensor_bytes"]
+                row["variants"][f"llama.cpp {q}"] = with_fraction(dict(rec, weight_bytes_per_step=qbytes), qbytes)
     return {"schema_version": 2, "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": command, "environment": environment(), "config": asdict(cfg), "read_bandwidth_gbps": {
                 "max": max(bandwidths) / 1e9 if bandwidths else None,

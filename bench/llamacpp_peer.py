@@ -2,7 +2,9 @@
 
 A transformers `Qwen3MoeForCausalLM` (fp32 or bf16, random or trained weights) is written
 as a GGUF file of llama.cpp's architecture `qwen3moe`, optionally quantised by llama.cpp
-itself (Q8_0, Q4_K_M), and decoded greedily at batch 1 through llama-cpp-python. The
+itself (Q8_0, Q4_K_M), and decoded greedily through llama-cpp-python: at batch 1 with its
+`Llama` class, at batch B > 1 through the low-level batch API (one context, B sequences,
+one token per sequence per step). The
 benchmark harness (bench/cpu_decode.py) imports this module; nothing else in moecc does.
 
 Optional: needs `pip install llama-cpp-python gguf`. Both are imported only inside the
@@ -377,3 +379,97 @@ def decode_ms_per_step(path, prompt_ids: Sequence[int], new_tokens: int, threads
         llm.close()
     return {"step_ms": step_ms, "tokens": tokens, "prompt_logits": prompt_logits,
             "prefill_ms": prefill_ms, "threads": threads}
+
+
+def decode_batch_ms_per_step(path, prompts: Sequence[Sequence[int]], new_tokens: int, threads: int, *,
+                             allow_amx: bool = False) -> dict:
+    """Greedy decode of B sequences at once in llama.cpp; times every step of B tokens.
+
+    One context holds B sequences (`n_seq_max` = B, each with its own KV cells: no unified
+    cache, so a sequence's attention reads only its own tokens, like a [B, H, L, D] static
+    cache). The B prompts (equal lengths not required) go in as one batch (its time is
+    `prefill_ms`); then every step takes each sequence's argmax and evaluates those B
+    tokens as one `llama_decode` call (seq_id b, position len(prompt_b) + step). A step's
+    time covers the B argmaxes, filling the batch and the decode call. The context's
+    settings otherwise match `decode_ms_per_step` (flash attention off, F16 KV cache).
+
+    Returns {"step_ms": [new_tokens floats], "tokens": [B lists of new_tokens ids],
+    "prompt_logits": float32 [B, V] logits at each prompt's last position,
+    "prefill_ms": float, "threads": int, "batch": B}.
+    """
+    llama_cpp = _import_llama_cpp()
+    seqs = [[int(t) for t in p] for p in prompts]
+    if not seqs or any(not p for p in seqs):
+        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    if not allow_amx:
+        _check_amx(llama_cpp, path)
+    n_seq, n_prompt = len(seqs), sum(len(p) for p in seqs)
+    per_seq = max(len(p) for p in seqs) + new_tokens + 1
+    llama_cpp.llama_backend_init()
+    mparams = llama_cpp.llama_model_default_params()
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {path}")
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = n_seq * per_seq        # split evenly over the sequences (kv_unified off)
+    cparams.n_batch = cparams.n_ubatch = max(n_prompt, n_seq)
+    cparams.n_seq_max = n_seq
+    cparams.kv_unified = False
+    cparams.n_threads = cparams.n_threads_batch = threads
+    cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    cparams.no_perf = True
+    ctx = llama_cpp.llama_init_from_model(model, cparams)
+    batch = llama_cpp.llama_batch_init(max(n_prompt, n_seq), 0, 1)
+    try:
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not create a context for {n_seq} sequences")
+        n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+        bad = [t for p in seqs for t in p if not 0 <= t < n_vocab]
+        if bad:
+            raise ValueError(f"prompt ids {bad[:5]} outside the model's vocabulary [0, {n_vocab})")
+
+        def fill(entries) -> list[int]:
+            """entries: (token, position, seq_id, wants_logits); returns the batch indices with logits."""
+            out = []
+            for i, (tok, pos, seq, want) in enumerate(entries):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = want
+                if want:
+                    out.append(i)
+            batch.n_tokens = len(entries)
+            return out
+
+        def decode() -> None:
+            rc = llama_cpp.llama_decode(ctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc} (1: no KV slot for the batch; <0: error)")
+
+        def logits_at(rows: list[int]) -> np.ndarray:  # [B, V], copied out of llama.cpp's buffer
+            return np.stack([np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy()
+                             for i in rows])
+
+        rows = fill([(tok, pos, b, pos == len(p) - 1) for b, p in enumerate(seqs) for pos, tok in enumerate(p)])
+        t0 = time.perf_counter()
+        decode()
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+        logits = prompt_logits = logits_at(rows)
+        step_ms, tokens = [], [[] for _ in seqs]
+        for step in range(new_tokens):
+            t0 = time.perf_counter()
+            toks = [int(t) for t in np.argmax(logits, axis=1)]
+            rows = fill([(tok, len(p) + step, b, True) for b, (tok, p) in enumerate(zip(toks, seqs))])
+            decode()
+            step_ms.append((time.perf_counter() - t0) * 1e3)
+            for b, tok in enumerate(toks):
+                tokens[b].append(tok)
+            logits = logits_at(rows)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        if ctx:
+            llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
+    return {"step_ms": step_ms, "tokens": tokens, "prompt_logits": prompt_logits,
+            "prefill_ms": prefill_ms, "threads": threads, "batch": n_seq}

@@ -47,3 +47,25 @@ def test_cpu_decode_harness_tiny(tmp_path):
         assert moecc["op_in_model_ms"] > 0 and moecc["op_isolated_ms"] > 0
     table = format_table(res)
     assert "| fp32 | 2 |" in table and "MoE op in the model" in table
+
+
+def test_cpu_decode_llama_peer_every_batch(tmp_path, monkeypatch):
+    """llama.cpp runs every batch of the run (batch 2: two sequences in one context) and
+    lands in that batch's row with its own fraction of the floor. Needs the optional peer."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    if b"AMX_INT8 = 1" in __import__("llama_cpp").llama_print_system_info():
+        pytest.skip("llama-cpp-python built with AMX kernels (they crash on quantised files here)")
+    monkeypatch.setenv("MOECC_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = CPUDecodeConfig(layers=1, vocab=256, batches=(1, 2), dtypes=("fp32",), variants=("eager", "llama.cpp"),
+                          new_tokens=6, skip_steps=1, widths=TINY)
+    res = run(cfg, tmp_path, log=lambda s: None)
+    assert not res["notes"], res["notes"]
+    for row in res["rows"]:
+        for q in ("F16", "Q8_0", "Q4_K_M"):
+            rec = row["variants"][f"llama.cpp {q}"]
+            assert rec["step_ms"] > 0 and rec["steps"] == 5
+            assert 0 < rec["weight_bytes_per_step"] <= row["weight_bytes_per_step"]  # fp32 row: F16 or fewer bytes
+            assert rec["fraction"] == pytest.approx(rec["weight_bytes_per_step"] / rec["read_bandwidth"] * 1e3
+                                                    / rec["step_ms"])
+    assert "llama.cpp Q4_K_M" in format_table(res)

@@ -191,6 +191,27 @@ def test_llama_cpp_f16_matches_transformers(model, f16_path):
     assert len(res["step_ms"]) == NEW_TOKENS and all(t > 0 for t in res["step_ms"])
 
 
+
+def test_llama_cpp_batch_decode_matches_transformers_per_sequence(model, f16_path):
+    """Batch 3 through the low-level batch API: each sequence's prompt logits and greedy
+    tokens are those of transformers on that prompt alone (sequences of different lengths,
+    so a sequence reading another's KV cells or a wrong position would show)."""
+    pytest.importorskip("llama_cpp")
+    prompts = [PROMPT, PROMPT[3:], [7, 200, 13, 99, 1]]
+    res = peer.decode_batch_ms_per_step(f16_path, prompts, NEW_TOKENS, threads=1)
+    assert res["prompt_logits"].shape == (3, 256) and res["batch"] == 3
+    assert np.isfinite(res["prompt_logits"]).all()
+    for b, prompt in enumerate(prompts):
+        ref_logits, ref_tokens = transformers_greedy(model, prompt, NEW_TOKENS)
+        err = float(np.abs(res["prompt_logits"][b] - ref_logits).max())
+        scale = float(np.abs(ref_logits).max())
+        assert err <= F16_LOGIT_TOL * scale, f"sequence {b}: max |diff| {err:.3g}, logit scale {scale:.3g}"
+        assert res["tokens"][b] == ref_tokens, f"sequence {b}"
+    assert len(res["step_ms"]) == NEW_TOKENS and all(t > 0 for t in res["step_ms"])
+    with pytest.raises(ValueError, match="non-empty"):
+        peer.decode_batch_ms_per_step(f16_path, [PROMPT, []], 2, threads=1)
+
+
 def amx_build() -> bool:
     import llama_cpp
 
