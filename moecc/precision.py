@@ -28,7 +28,10 @@ weights gives about 20 dB for int4 in groups of 32-128 and 43-45 dB for int8 per
 on qwen3-moe-stdlib the worst expert measured 20.0 dB (int4 g32) and 43.4 dB (int8),
 the layer outputs 18.4 and 42.1 dB (docs/precision.md). The defaults (int4 15 / 12 dB,
 int8 35 / 30 dB, weights / output) sit 5-12 dB below that, so ordinary trained weights
-pass and a layer whose outliers ruin the format falls back. Only the routed expert stack is lowered; router, norms and attention keep their dtype.
+pass and a layer whose outliers ruin the format falls back. fp8 (e4m3, 3 mantissa bits,
+128 x 128 blocks) reaches about 31 dB on such weights; its defaults are 25 / 20 dB and it
+falls back to the original weights. Only the routed expert stack is lowered; router,
+norms and attention keep their dtype.
 
 Per-layer overrides by module path (`PerLayerPrecision`; dict form {"format": "int4",
 "overrides": {"model.layers.0.mlp": "int8", "model.layers.3.*": None}}): fnmatch
@@ -45,8 +48,9 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Optional, Union
 
-SHORTHANDS = ("int8", "int4", "w8a8", "w4a8")  # w*a8: int8 activations too
+SHORTHANDS = ("int8", "int4", "w8a8", "w4a8", "fp8")  # w*a8: int8 activations too
 ACTIVATIONS = ("float", "int8")
+FP8_ACTIVATIONS = ("weight_only", "dynamic")  # Fp8BlockScaled.activations
 
 
 class PrecisionError(ValueError):
@@ -92,8 +96,53 @@ class Int4WeightOnly:
                                  f"got {self.group_size!r}")
 
 
-PrecisionConfig = Union[Int8WeightOnly, Int4WeightOnly]
-CONFIG_TYPES = (Int8WeightOnly, Int4WeightOnly)
+@dataclass(frozen=True)
+class Fp8BlockScaled:
+    """fp8 e4m3fn weights with one fp32 scale per block of `block` = (rows, columns) values
+    (DeepSeek-V3's checkpoint format: scale = absmax / 448 per block; the last block of a
+    row or column range that `block` does not divide is shorter, the scale grids are
+    ceil-sized). Only square blocks are implemented (the layer spec carries one edge).
+
+    activations: "weight_only" (the experts compute in the model's dtype on the decoded
+        weights: what every CPU runs) or "dynamic" (w8a8: activations quantised to fp8
+        per token and column block, fp8 tensor cores). No kernel implements "dynamic"
+        yet: the pass falls back to "weight_only" with a note, or raises with strict.
+    """
+
+    block: tuple = (128, 128)
+    activations: str = "weight_only"
+    min_weight_sqnr: float = 25.0
+    min_output_sqnr: float = 20.0
+    fallback: Optional["PrecisionConfig"] = None
+    strict: bool = False
+    VERSION = 1
+    weight_format = "fp8"
+
+    def __post_init__(self) -> None:
+        block = self.block
+        if isinstance(block, list):
+            block = tuple(block)
+            object.__setattr__(self, "block", block)
+        if not (isinstance(block, tuple) and len(block) == 2
+                and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+            raise PrecisionError(f"Fp8BlockScaled.block must be (rows, columns), two positive ints, got {self.block!r}")
+        if block[0] != block[1]:
+            raise PrecisionError(f"Fp8BlockScaled.block {block}: only square blocks are implemented, "
+                                 f"e.g. (128, 128) (DeepSeek-V3) or (64, 64)")
+        if self.activations not in FP8_ACTIVATIONS:
+            raise PrecisionError(f"Fp8BlockScaled.activations must be one of {FP8_ACTIVATIONS}, "
+                                 f"got {self.activations!r}")
+        _check_common(self, activations=False)
+
+    @property
+    def group_size(self) -> int:
+        """Columns per scale along the reduction axis (the block's edge; spec.experts.group_size)."""
+        return self.block[1]
+
+
+PrecisionConfig = Union[Int8WeightOnly, Int4WeightOnly, Fp8BlockScaled]
+CONFIG_TYPES = (Int8WeightOnly, Int4WeightOnly, Fp8BlockScaled)
+FORMATS = {"int8": Int8WeightOnly, "int4": Int4WeightOnly, "fp8": Fp8BlockScaled}  # dict form's "format"
 
 
 @dataclass(frozen=True)
@@ -158,7 +207,7 @@ def config_for(precision, path: str) -> Optional[PrecisionConfig]:
     return precision
 
 
-def _check_common(cfg) -> None:
+def _check_common(cfg, activations: bool = True) -> None:
     name = type(cfg).__name__
     if cfg.group_size is not None and (not isinstance(cfg.group_size, int) or isinstance(cfg.group_size, bool)
                                        or cfg.group_size < 1):
@@ -171,14 +220,14 @@ def _check_common(cfg) -> None:
                              f"{', '.join(t.__name__ for t in CONFIG_TYPES)}, got {cfg.fallback!r}")
     if not isinstance(cfg.strict, bool):
         raise PrecisionError(f"{name}.strict must be True or False, got {cfg.strict!r}")
-    if cfg.activations not in ACTIVATIONS:
+    if activations and cfg.activations not in ACTIVATIONS:
         raise PrecisionError(f"{name}.activations must be one of {ACTIVATIONS}, got {cfg.activations!r}")
 
 
 def parse_precision(value) -> Optional[PrecisionConfig]:
     """options["precision"] -> a config (None: keep the model's weights as they are).
 
-    Accepts None, "dense", the shorthands "int8" / "int4" (default configs), a config
+    Accepts None, "dense", the shorthands "int8" / "int4" / "fp8" (default configs), a config
     object, a PerLayerPrecision, or a dict {"format": "int4", <field>: value, ...} (JSON
     options, `moecc eval --options`), optionally with "overrides": {pattern: format}
     (then the result is a PerLayerPrecision; "format": "dense" quantises only the
@@ -198,7 +247,7 @@ def parse_precision(value) -> Optional[PrecisionConfig]:
         if raw.get("format") in ("dense", None):  # only the overridden layers are quantised
             extra = sorted(set(raw) - {"format", "strict"})
             if extra:
-                raise PrecisionError(f"precision fields {extra} need a 'format' ('int8' or 'int4')")
+                raise PrecisionError(f"precision fields {extra} need a 'format' {tuple(FORMATS)}")
             default = None
         else:
             default = parse_precision(raw)
@@ -212,14 +261,17 @@ def parse_precision(value) -> Optional[PrecisionConfig]:
             return Int8WeightOnly(activations="int8")
         if value == "w4a8":  # falls back to w8a8, then to the original weights
             return Int4WeightOnly(activations="int8", fallback=Int8WeightOnly(activations="int8"))
+        if value == "fp8":
+            return Fp8BlockScaled()
         raise PrecisionError(f"unknown precision {value!r}; valid: None, 'dense', "
-                             f"{', '.join(repr(s) for s in SHORTHANDS)}, Int8WeightOnly(...), Int4WeightOnly(...)")
+                             f"{', '.join(repr(s) for s in SHORTHANDS)}, "
+                             f"{', '.join(t.__name__ + '(...)' for t in CONFIG_TYPES)}")
     if isinstance(value, dict):
         raw = dict(value)
         fmt = raw.pop("format", None)
-        cls = {"int8": Int8WeightOnly, "int4": Int4WeightOnly}.get(fmt)  # activations= is a field
+        cls = FORMATS.get(fmt)  # activations= is a field
         if cls is None:
-            raise PrecisionError(f"precision dict needs 'format' one of ('int8', 'int4'), got {fmt!r}")
+            raise PrecisionError(f"precision dict needs 'format' one of {tuple(FORMATS)}, got {fmt!r}")
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(raw) - set(valid))
         if unknown:
@@ -244,7 +296,10 @@ def chain(config: Optional[PrecisionConfig]) -> list[PrecisionConfig]:
 
 
 def format_name(config: PrecisionConfig) -> str:
-    """'int4 g128', 'int8 per-row', 'int4 g128 a8' (int8 activations)."""
+    """'int4 g128', 'int8 per-row', 'int4 g128 a8' (int8 activations), 'fp8 b128'
+    (block 128 x 128; 'fp8 b128 dynamic': fp8 activations asked for)."""
+    if config.weight_format == "fp8":
+        return f"fp8 b{config.block[0]}{' dynamic' if config.activations == 'dynamic' else ''}"
     g = f"g{config.group_size}" if config.group_size else "per-row"
     return f"{config.weight_format} {g}{' a8' if config.activations == 'int8' else ''}"
 

@@ -21,7 +21,7 @@ SCORINGS = ("softmax", "sigmoid", "topk_softmax", "sqrt_softplus", "sparsemixer"
 GROUP_SCORINGS = ("top2_sum", "max")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "swiglu_oai", "swiglu_softcap", "relu2")
 GATE_UP_LAYOUTS = ("concat", "interleaved", "separate")
-WEIGHT_FORMATS = ("dense", "int8", "int4")
+WEIGHT_FORMATS = ("dense", "int8", "int4", "fp8")
 ACTIVATION_FORMATS = ("float", "int8")  # ExpertSpec.activations: kept as they are, or dynamic int8
 
 
@@ -135,7 +135,9 @@ class ExpertSpec:
     `weight_format` "int8" / "int4" (set by passes/precision_lowering.py, canonical layout
     only): gate_up and down are packed uint8 with fp32 scales per `group_size` values
     along the reduction axis (0: one group per row); the experts compute in the model's
-    dtype on the dequantised weights (backends/reference/quantized.py).
+    dtype on the dequantised weights (backends/reference/quantized.py). "fp8": gate_up and
+    down are float8_e4m3fn with fp32 scales per square block of `group_size` rows and
+    columns (DeepSeek-V3's layout).
     `activations` "int8" (quantised weights only; w8a8 / w4a8): each expert's inputs (the
     hidden states before gate_up, the activated rows before down) are quantised
     dynamically to int8, symmetric, one scale per token row and weight group
@@ -200,6 +202,8 @@ class ExpertSpec:
             raise SpecError("quantised expert weights need the canonical layout (run expert fusion first)")
         if self.group_size < 0 or (self.weight_format == "dense" and self.group_size):
             raise SpecError("group_size is a non-negative int, and only meaningful for quantised weights")
+        if self.weight_format == "fp8" and (self.group_size < 1 or self.activations != "float"):
+            raise SpecError("fp8 expert weights need a block size (group_size > 0) and float activations")
         if self.activations not in ACTIVATION_FORMATS or (self.activations != "float" and self.weight_format == "dense"):
             raise SpecError(f"activations {self.activations!r}: one of {ACTIVATION_FORMATS}, and 'int8' only "
                             "with quantised (int8 / int4) weights")

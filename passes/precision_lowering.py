@@ -1,4 +1,4 @@
-"""Precision lowering: store each layer's routed expert stack as packed int8 / int4.
+"""Precision lowering: store each layer's routed expert stack as packed int8 / int4 / fp8.
 
 Matches: every moecc layer node, when options.precision is set (moecc/precision.py).
 Needs:   expert_fusion before it (quantised stacks exist only in the canonical layout:
@@ -20,12 +20,17 @@ Guarantees: a layer either meets its config's bounds or keeps its original weigh
 Memory: the packed stack is kept beside the model's own parameters (they stay alive as
          long as the model does); `moecc.quantize_` (moecc/quantize_module.py) replaces
          them instead, before compiling.
-Counters: layers (lowered to some format), int8, int4, dense (kept), fallbacks, packed_kib,
+         fp8 with activations="dynamic" (fp8 activations): no kernel computes them yet (CPUs
+         have no fp8 arithmetic), so the layer is lowered to fp8 weight-only with the reason
+         in its note, or, with strict, PrecisionError; never a silently different result.
+Counters: layers (lowered to some format), int8, int4, fp8, dense (kept), fallbacks, packed_kib,
          prepacked (packed before compiling by moecc.quantize_).
 Notes:   per layer: chosen format, worst expert weight SQNR, output SQNR, and why.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -42,7 +47,7 @@ PROBE_TOKENS = 64  # random hidden states for the output SQNR: enough to touch m
 
 
 def run(ctx: PassContext) -> PassResult:
-    counters = {"layers": 0, "int8": 0, "int4": 0, "dense": 0, "fallbacks": 0, "packed_kib": 0, "prepacked": 0}
+    counters = {"layers": 0, "int8": 0, "int4": 0, "fp8": 0, "dense": 0, "fallbacks": 0, "packed_kib": 0, "prepacked": 0}
     precision = ctx.options.precision
     notes = [f"precision: {describe(precision)}"] if precision is not None else []
     before = ctx.weights.derived_bytes
@@ -93,14 +98,17 @@ def run(ctx: PassContext) -> PassResult:
 
 def _spec_format(spec: MoELayerSpec) -> str:
     e = spec.experts
+    if e.weight_format == "fp8":
+        return f"fp8 b{e.group_size}"
     return (f"{e.weight_format} {'g' + str(e.group_size) if e.group_size else 'per-row'}"
             f"{' a8' if e.activations == 'int8' else ''}")
 
 
 def lowered_spec(spec: MoELayerSpec, cfg) -> MoELayerSpec:
     """The layer spec once its experts are stored in cfg's format."""
+    activations = "float" if cfg.weight_format == "fp8" else cfg.activations  # fp8: weight-only (see _choose)
     return spec.replace(experts={"weight_format": cfg.weight_format, "group_size": cfg.group_size or 0,
-                                 "activations": cfg.activations})
+                                 "activations": activations})
 
 
 def _choose(spec: MoELayerSpec, weights: MoEWeights, config, seed: int):
@@ -113,6 +121,14 @@ def _choose(spec: MoELayerSpec, weights: MoEWeights, config, seed: int):
     k, n = spec.experts.hidden_size, spec.experts.intermediate_size
     for cfg in chain(config):
         label = format_name(cfg)
+        if cfg.weight_format == "fp8" and cfg.activations == "dynamic":
+            miss = f"{label}: {fp8_activations_missing(weights.gate_up.device)}"
+            if cfg.strict:
+                raise PrecisionError(f"{spec.source or 'an MoE layer'}: {miss}; strict=True refuses to fall back. "
+                                     "Use activations='weight_only', or set strict=False.")
+            reasons.append(miss + " -> weight_only")
+            cfg = dataclasses.replace(cfg, activations="weight_only")
+            label = format_name(cfg)
         misfit = group_fits(cfg.weight_format, k, cfg.group_size or 0) or \
             group_fits(cfg.weight_format, n, cfg.group_size or 0)
         if misfit:
@@ -129,6 +145,13 @@ def _choose(spec: MoELayerSpec, weights: MoEWeights, config, seed: int):
                                  "Relax the bound, change group_size, or set strict=False.")
         reasons.append(miss + " -> fallback")
     return None, "; ".join(reasons)
+
+
+def fp8_activations_missing(device: torch.device) -> str:
+    """Why fp8 activations (w8a8) cannot run for weights on `device` (every device today)."""
+    if device.type == "cpu":
+        return "fp8 activations need fp8 arithmetic, which CPUs do not have"
+    return "no moecc kernel computes with fp8 activations yet (Triton w8a8 is not built)"
 
 
 def _quantize(weights: MoEWeights, cfg) -> tuple[dict, float]:

@@ -10,7 +10,7 @@ to the input dtype once. A loop over the experts that received tokens: slow, sim
 it reads no weight of an expert without tokens. Masked experts (RouterSpec.masked_experts,
 left by pruning) are never selected and have no rows in the expert stacks.
 
-Quantised experts (spec.experts.weight_format "int8" / "int4"): each expert's packed
+Quantised experts (spec.experts.weight_format "int8" / "int4" / "fp8"): each expert's packed
 weights are dequantised (backends/reference/quantized.py) to the hidden states' dtype
 when it is used, one expert at a time; that dequantised weight is the semantics.
 """
@@ -49,9 +49,10 @@ class _DequantizedStack:
         if scales is None:
             raise ValueError(f"the layer spec says {spec.experts.weight_format} weights but no scales were given")
         self.packed, self.scales, self.fmt, self.dtype = packed, scales, spec.experts.weight_format, dtype
+        self.group_size = spec.experts.group_size  # fp8: the block edge
 
     def __getitem__(self, e):
-        return dequantize(self.packed[e], self.scales[e], self.fmt, self.dtype)
+        return dequantize(self.packed[e], self.scales[e], self.fmt, self.dtype, self.group_size)
 
 
 def combine_experts(

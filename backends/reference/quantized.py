@@ -17,6 +17,16 @@ input rows x [t, C] are quantised when they are used, per row and weight group:
     s = absmax(x[t, group]) / 127,  xq = round(x / s) clamped to [-127, 127] (int8),
 and the expert computes with xq * s in place of x (`fake_quantize_activations`). The
 integer kernels compute the same products exactly as sum(xq * (q - Z)) * s * scale.
+
+fp8 (DeepSeek-V3's checkpoint format), block B (square, B x B values per scale):
+    packed  float8_e4m3fn [E, R, C]
+    scales  fp32 [E, ceil(R/B), ceil(C/B)]
+    value   w[e, r, c] = float(q[e, r, c]) * scales[e, r // B, c // B]
+scale = absmax(block) / 448 (e4m3fn's largest finite value), q = round-to-nearest-even
+of w / scale in e4m3fn. A block at the end of a row or column range that B does not
+divide is shorter (the ceil-sized grids; as DeepSeek-V3 pads its 7168 x 2048 / 128
+grids); its scale is its own elements' absmax. Quantised values are finite: e4m3fn's NaN
+bytes (0x7f, 0xff) never occur, so kernels may decode without checking for them.
 """
 
 from __future__ import annotations
@@ -25,10 +35,12 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-BITS = {"int8": 8, "int4": 4}
-PER_BYTE = {"int8": 1, "int4": 2}
+BITS = {"int8": 8, "int4": 4, "fp8": 8}
+PER_BYTE = {"int8": 1, "int4": 2, "fp8": 1}
 ZERO_POINT = {"int8": 128, "int4": 8}
 QMAX = {"int8": 127, "int4": 7}
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_DTYPE = torch.float8_e4m3fn
 
 
 class QuantizedStack(NamedTuple):
@@ -37,7 +49,10 @@ class QuantizedStack(NamedTuple):
 
 
 def group_fits(fmt: str, columns: int, group_size: int) -> str:
-    """'' when `fmt` with `group_size` fits a reduction axis of `columns`, else why not."""
+    """'' when `fmt` with `group_size` fits a reduction axis of `columns`, else why not
+    (fp8 blocks always fit: the last one is shorter)."""
+    if fmt == "fp8":
+        return "" if group_size > 0 else "fp8 needs a positive block size"
     g = group_size or columns
     if columns % g:
         return f"group size {g} does not divide the reduction axis {columns}"
@@ -47,7 +62,10 @@ def group_fits(fmt: str, columns: int, group_size: int) -> str:
 
 
 def quantize_rows(w: torch.Tensor, fmt: str, group_size: int) -> QuantizedStack:
-    """w [..., R, C] (any float dtype) -> packed uint8 [..., R, C/P], scales fp32 [..., R, C/G]."""
+    """w [..., R, C] (any float dtype) -> packed uint8 [..., R, C/P], scales fp32 [..., R, C/G]
+    (fp8: packed e4m3fn [..., R, C], scales [..., ceil(R/B), ceil(C/B)], B = group_size)."""
+    if fmt == "fp8":
+        return quantize_fp8(w, group_size)
     *lead, c = w.shape
     g = group_size or c
     why = group_fits(fmt, c, g)
@@ -65,9 +83,39 @@ def quantize_rows(w: torch.Tensor, fmt: str, group_size: int) -> QuantizedStack:
     return QuantizedStack(q.contiguous(), scales.reshape(*lead, c // g).contiguous())
 
 
-def dequantize(packed: torch.Tensor, scales: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32
-               ) -> torch.Tensor:
-    """packed uint8 [..., R, C/P], scales [..., R, C/G] -> w [..., R, C] in `dtype` (computed in fp32)."""
+def quantize_fp8(w: torch.Tensor, block: int) -> QuantizedStack:
+    """w [..., R, C] -> e4m3fn [..., R, C], fp32 block scales [..., ceil(R/B), ceil(C/B)]."""
+    *lead, r, c = w.shape
+    rb, cb = -(-r // block), -(-c // block)
+    # Zero-pad to whole blocks: padding never raises an absmax, and is cut off again.
+    padded = torch.nn.functional.pad(w.float(), (0, cb * block - c, 0, rb * block - r))  # [..., RB*B, CB*B]
+    blocks = padded.reshape(*lead, rb, block, cb, block)  # [..., RB, B, CB, B]
+    scales = blocks.abs().amax(dim=(-3, -1)) / FP8_MAX  # [..., RB, CB]
+    # An all-zero block keeps scale 0 (its values decode to exactly 0); divide by 1 there.
+    div = torch.where(scales > 0, scales, torch.ones_like(scales))[..., :, None, :, None]
+    q = (blocks / div).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)  # round to nearest even
+    q = q.reshape(*lead, rb * block, cb * block)[..., :r, :c]
+    return QuantizedStack(q.contiguous(), scales.contiguous())
+
+
+def dequantize_fp8(packed: torch.Tensor, scales: torch.Tensor, block: int,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """e4m3fn [..., R, C], scales [..., ceil(R/B), ceil(C/B)] -> w [..., R, C] in `dtype`
+    (computed in fp32). B must be given: the grids' sizes do not determine it."""
+    *lead, r, c = packed.shape
+    if block < 1 or tuple(scales.shape[-2:]) != (-(-r // block), -(-c // block)):
+        raise ValueError(f"fp8 block {block} does not match weights [{r}, {c}] with block scales "
+                         f"{tuple(scales.shape[-2:])}")
+    s = scales.float().repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)[..., :r, :c]
+    return (packed.float() * s).to(dtype)
+
+
+def dequantize(packed: torch.Tensor, scales: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32,
+               group_size: int = 0) -> torch.Tensor:
+    """packed uint8 [..., R, C/P], scales [..., R, C/G] -> w [..., R, C] in `dtype` (computed in fp32).
+    fp8: packed e4m3fn [..., R, C], block scales [..., RB, CB], group_size = the block edge."""
+    if fmt == "fp8":
+        return dequantize_fp8(packed, scales, group_size, dtype)
     if fmt == "int4":
         lo, hi = packed & 15, packed >> 4
         q = torch.stack([lo, hi], dim=-1).flatten(-2)  # [..., R, C]
@@ -122,4 +170,4 @@ def quantize_stack(stack: torch.Tensor, fmt: str, group_size: int) -> Iterator[t
     """
     for e in range(stack.shape[0]):
         q = quantize_rows(stack[e], fmt, group_size)
-        yield e, q, sqnr_db(stack[e], dequantize(q.packed, q.scales, fmt))
+        yield e, q, sqnr_db(stack[e], dequantize(q.packed, q.scales, fmt, group_size=group_size))

@@ -173,6 +173,10 @@ def llvm_module(key: KernelKey):
 
         moe_gate_up_act, moe_down_weighted = vnni_gemms(key)
         extra = dict(zip(("moe_quantize_x", "moe_quantize_act"), vnni_quantizers(key)))
+    elif key.weight_format == "fp8":  # fp8 block-scaled weights: decoding GEMMs
+        from moecc.backends.tvm.kernels_llvm_fp8 import fp8_gemms
+
+        moe_gate_up_act, moe_down_weighted = fp8_gemms(key)
     elif key.weight_format != "dense":  # packed int8 / int4 weights: dequantising GEMMs
         from moecc.backends.tvm.kernels_llvm_quantized import quantized_gemms
 

@@ -71,7 +71,7 @@ class KernelKey:
                 + ("_a8" if self.activations == "int8" else ""))
 
 
-KERNEL_SOURCES = ("kernels_llvm.py", "kernels_llvm_quantized.py", "kernels_llvm_vnni.py", "kernels_cuda.py", "activation.py", "config.py",
+KERNEL_SOURCES = ("kernels_llvm.py", "kernels_llvm_quantized.py", "kernels_llvm_vnni.py", "kernels_llvm_fp8.py", "kernels_cuda.py", "activation.py", "config.py",
                   "tir_scalars.py")
 
 

@@ -8,9 +8,9 @@ Split (documented in docs/backends.md):
     TVM    moe_gate_up_act    grouped gate/up GEMM + bias + activation (fused epilogue)
            moe_down_weighted  grouped down GEMM + bias + routing weight (fused epilogue)
            moe_combine        per-token sum of its k' rows, cast to the output dtype
-Quantised layers (spec.experts.weight_format int8 / int4) pass the packed uint8 stacks
+Quantised layers (spec.experts.weight_format int8 / int4 / fp8) pass the packed stacks
 and their fp32 scales (backends/reference/quantized.py) to GEMMs that dequantise while
-loading (kernels_llvm_quantized.py; llvm only); the output dtype is hidden's.
+loading (kernels_llvm_quantized.py, kernels_llvm_fp8.py; llvm only); the output dtype is hidden's.
 Tensors cross into TVM by DLPack (tvm_ffi converts torch tensors at the call): weights
 are never copied; the activations are gathered once into per-expert blocks of rows
 (`index_select`, [NB, BM, K]) so the GEMM inner loops read contiguous rows. Intermediates
@@ -205,8 +205,11 @@ def run_kernels(kernels: KernelSet, key: KernelKey, hidden: torch.Tensor, weight
         x = int4_ordered(hidden.float(), key.config.vec) if key.weight_format == "int4" else hidden.to(
             torch.float32 if quantized else dt)  # [T, K]
         xg = x.index_select(0, rows.tok.flatten()).view(rows.num_blocks, bm, k)  # [NB, BM, K] rows by expert
-    gate_up = aligned(weights.gate_up.contiguous()).view(key.num_experts, 2, n, -1)  # [E', 2, N, K/P]
-    down = aligned(weights.down.contiguous())  # [E', K, N/P]
+    gate_up, down = weights.gate_up, weights.down
+    if key.weight_format == "fp8":  # e4m3fn bytes as int8 (DLPack has no fp8; kernels_llvm_fp8.py decodes)
+        gate_up, down = gate_up.view(torch.int8), down.view(torch.int8)
+    gate_up = aligned(gate_up.contiguous()).view(key.num_experts, 2, n, -1)  # [E', 2, N, K/P]
+    down = aligned(down.contiguous())  # [E', K, N/P]
     gu_bias = (aligned(weights.gate_up_bias.to(dt).contiguous()).view(key.num_experts, 2, n)
                if key.gate_up_bias else torch.zeros(1, 2, n, dtype=dt, device=dev))  # [E', 2, N]
     d_bias = (aligned(weights.down_bias.to(dt).contiguous()) if key.down_bias
@@ -216,7 +219,9 @@ def run_kernels(kernels: KernelSet, key: KernelKey, hidden: torch.Tensor, weight
     y = torch.empty(rows.num_blocks, bm, k, dtype=torch.float32, device=dev)  # [NB, BM, K]
     out = torch.empty(hidden.shape[0], k, dtype=dt, device=dev)  # [T, K]
     if quantized:
-        gu_scale = aligned(weights.gate_up_scale.float().contiguous()).view(key.num_experts, 2, n, -1)  # [E', 2, N, K/G]
+        gu_scale = aligned(weights.gate_up_scale.float().contiguous())  # [E', 2N, K/G]; fp8: [E', 2N/B, K/B]
+        if key.weight_format != "fp8":
+            gu_scale = gu_scale.view(key.num_experts, 2, n, -1)  # [E', 2, N, K/G]
         d_scale = aligned(weights.down_scale.float().contiguous())  # [E', K, N/G]
     if key.activations == "int8":
         t = hidden.shape[0]

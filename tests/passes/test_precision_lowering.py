@@ -50,7 +50,7 @@ def test_options_parse_shorthands_dicts_and_configs():
 
 
 @pytest.mark.parametrize("value,message", [
-    ("fp8", "valid: None, 'dense', 'int8', 'int4'"),
+    ("fp4", "valid: None, 'dense', 'int8', 'int4'"),
     ({"format": "int4", "groupsize": 32}, "valid: group_size, min_weight_sqnr"),
     ({"format": "int2"}, "'format' one of"),
     ({"format": "int8", "activations": "fp8"}, "activations must be one of"),
