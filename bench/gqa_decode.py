@@ -14,7 +14,9 @@ Variants, all over the same cache tensors:
               in fp32, matmul (GPT-OSS's attention is this plus the sink column)
   sdpa_gqa    torch SDPA with enable_gqa over the cache cut to the live slots (a candidate)
   moecc       moecc::gqa_decode_attention (moecc/gqa.py): live-range cut by one host read
-              of the mask, flash CPU kernel over the regrouped query
+              of the mask, then its CPU kernel: moecc's TVM kernel where TVM is installed
+              (backends/tvm/kernels_llvm_attention.py), else torch's flash CPU kernel
+  moecc_flash the same op forced onto torch's flash CPU kernel (the kernel before the TVM one)
   kv_sum      torch.sum over the same valid K/V slices: the read rate of these bytes now
 Floor: the valid KV bytes (2 * B * Hkv * context * D * element size) over the read
 bandwidth measured just before each row (moecc.roofline.cpu_read_bandwidth: torch.sum
@@ -64,10 +66,16 @@ def _variants(q, mask, additive, scale, ctx):
     def moecc_op(k, v):
         return torch.ops.moecc.gqa_decode_attention(q, k, v, mask, None, scale, False)
 
+    def moecc_flash(k, v):
+        from moecc.gqa import gqa_decode_attention_reference
+
+        return gqa_decode_attention_reference(q, k, v, mask, None, scale, kernel="flash")
+
     def kv_sum(k, v):  # the valid K/V bytes read once by torch.sum: the read rate right now
         return k[:, :, :ctx].sum() + v[:, :, :ctx].sum()
 
-    return {"hf_sdpa": hf_sdpa, "hf_eager": hf_eager, "sdpa_gqa": sdpa_gqa, "moecc": moecc_op, "kv_sum": kv_sum}
+    return {"hf_sdpa": hf_sdpa, "hf_eager": hf_eager, "sdpa_gqa": sdpa_gqa, "moecc": moecc_op, "moecc_flash": moecc_flash,
+            "kv_sum": kv_sum}
 
 
 def _time_interleaved(fns: dict, caches: list, reps: int) -> tuple[dict, dict]:
@@ -136,7 +144,7 @@ def main(argv=None) -> int:
           f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads); Hq={HQ} Hkv={HKV} "
           f"D={D}, static cache {args.max_len} slots; load average {os.getloadavg()[0]:.1f} "
           "(other jobs share the cores)")
-    names = ["hf_sdpa"] + ([] if args.no_eager else ["hf_eager"]) + ["sdpa_gqa", "moecc", "kv_sum"]
+    names = ["hf_sdpa"] + ([] if args.no_eager else ["hf_eager"]) + ["sdpa_gqa", "moecc", "moecc_flash", "kv_sum"]
     print("| dtype | batch | context | " + " | ".join(f"{n} ms median (best)" for n in names)
           + " | read GB/s | floor ms | moecc vs hf_sdpa (median) | floor / moecc best (median) |")
     print("|---" * (len(names) + 7) + "|")

@@ -29,11 +29,21 @@ finfo.min, underflows), except in a row with no visible slot under a float mask,
 SDPA averages all slots; then the op does not cut. Off the CPU there is no host read (the
 op works under CUDA-graph capture) and it attends over the whole cache under the mask.
 
-CPU kernel: torch's flash-attention CPU kernel (blocked online softmax, fp32
-accumulation, bf16/fp16 inputs read as they are) over the regrouped query and the cut
-cache views; its log-sum-exp gives the sink correction out * sigmoid(lse - sink).
-Elsewhere, or for shapes it does not take, a plain fp32 grouped matmul (the reference).
-bench/gqa_decode.py measures it; docs/kv_cache.md has the numbers.
+CPU kernels, in order of preference ("auto"):
+  - "tvm": moecc's TVM llvm kernel (backends/tvm/kernels_llvm_attention.py, host side
+    backends/tvm/attention.py): streams each KV head's K and V once over the live range,
+    in place in the static cache (the full [B, Hkv, Lmax, D] tensors and the offset, no
+    slicing copies), with the G*S query rows of the group in registers, split in chunks
+    across threads (flash-decoding) and combined here-after (with the sinks). Taken when
+    TVM imports, G*S is 2, 4, 8 or 16, D and Dv are multiples of 16 (<= 256), the cache
+    is contiguous and the mask is the same for every head ([B|1, 1, S|1, L]).
+  - "flash": torch's flash-attention CPU kernel (blocked online softmax, fp32
+    accumulation, bf16/fp16 inputs read as they are) over the regrouped query and the cut
+    cache views; its log-sum-exp gives the sink correction out * sigmoid(lse - sink).
+    Taken where the TVM kernel is not (TVM not installed, other shapes, per-head masks).
+  - "grouped": a plain fp32 grouped matmul (the semantics' reference), off the CPU and
+    for dtypes / widths the others do not take.
+bench/gqa_decode.py measures them; docs/kv_cache.md has the numbers.
 
 Importing this module defines the op; nothing imports it at moecc import time.
 """
@@ -49,6 +59,14 @@ _LIB.define("gqa_decode_attention(Tensor query, Tensor key, Tensor value, Tensor
             "float scale, bool is_causal) -> Tensor")
 
 _FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KERNELS = ("auto", "tvm", "flash", "grouped")
+
+
+def _tvm_takes(query, key, value) -> bool:
+    """Whether moecc's TVM kernel can run these tensors (TVM importable, shapes it is written for)."""
+    from moecc.backends.tvm.attention import available, takes
+
+    return takes(query, key, value) and available()
 
 
 def _check(query, key, value, attn_mask, sinks) -> tuple[int, int, int, int, int]:
@@ -178,14 +196,27 @@ def gqa_decode_attention_reference(query: torch.Tensor, key: torch.Tensor, value
                                    scale: float, is_causal: bool = False, trim: Optional[bool] = None,
                                    kernel: str = "auto") -> torch.Tensor:
     """The op's implementation. `trim` (default: on the CPU) cuts the cache to the live slot
-    range first (a host read); `kernel` "flash" / "grouped" forces a path (tests, bench)."""
-    if kernel not in ("auto", "flash", "grouped"):
-        raise ValueError(f"kernel must be 'auto', 'flash' or 'grouped', got {kernel!r}")
+    range first (a host read); `kernel` "tvm" / "flash" / "grouped" forces a path (tests,
+    bench; "auto" takes the first that fits, see the module docstring)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     b, hq, hkv, s, l = _check(query, key, value, attn_mask, sinks)
     mask = _mask4(attn_mask, is_causal, s, l, query.device)
     on_cpu = query.device.type == "cpu"
-    if trim if trim is not None else on_cpu:
-        lo, hi = live_range(mask, sinks is not None, l)
+    trimmed = trim if trim is not None else on_cpu
+    lo, hi = live_range(mask, sinks is not None, l) if trimmed else (0, l)
+    tvm_ok = on_cpu and (mask is None or mask.shape[1] == 1) and _tvm_takes(query, key, value)
+    if kernel == "tvm" and not tvm_ok:
+        raise ValueError("the TVM kernel needs TVM installed, CPU tensors, G*S in (2, 4, 8, 16), D and Dv "
+                         "multiples of 16 (<= 256), a contiguous cache and a mask shared by the heads")
+    if kernel == "tvm" or (kernel == "auto" and tvm_ok):
+        from moecc.backends.tvm.attention import gqa_decode_tvm
+
+        bias = None if mask is None else _additive(mask[..., lo:hi]).expand(b, 1, s, hi - lo).reshape(b, s, hi - lo)
+        if bias is not None and not bool((bias != 0).any()):
+            bias = None  # every slot visible: no mask to add
+        return gqa_decode_tvm(query, key, value, bias, lo, hi - lo, sinks, scale)
+    if trimmed:
         if (lo, hi) != (0, l):
             key, value = key[:, :, lo:hi], value[:, :, lo:hi]  # views of the cache, no copy
             mask = mask[..., lo:hi] if mask is not None else None
