@@ -133,6 +133,17 @@ def _additive(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return mask.float()
 
 
+def _bias_rows(mask: Optional[torch.Tensor], lo: int, hi: int, b: int, s: int) -> Optional[torch.Tensor]:
+    """The TVM kernel's additive fp32 mask [B, S, hi - lo] of a head-shared mask's live
+    slots, or None when it adds nothing (every slot visible: batch-1 decode)."""
+    if mask is None:
+        return None
+    cut = mask[..., lo:hi]  # [B|1, 1, S|1, n]
+    if bool(cut.all()) if cut.dtype == torch.bool else not bool(cut.any()):
+        return None
+    return _additive(cut).expand(b, 1, s, hi - lo).reshape(b, s, hi - lo)
+
+
 def _group_mask(mask: Optional[torch.Tensor], hq: int, hkv: int, s: int) -> Optional[torch.Tensor]:
     """[Bm, Hm, S|1, L] -> [Bm, Hkv|1, G*S, L]: rows in the regrouped query's (g, s) order."""
     if mask is None:
@@ -212,10 +223,7 @@ def gqa_decode_attention_reference(query: torch.Tensor, key: torch.Tensor, value
     if kernel == "tvm" or (kernel == "auto" and tvm_ok):
         from moecc.backends.tvm.attention import gqa_decode_tvm
 
-        bias = None if mask is None else _additive(mask[..., lo:hi]).expand(b, 1, s, hi - lo).reshape(b, s, hi - lo)
-        if bias is not None and not bool((bias != 0).any()):
-            bias = None  # every slot visible: no mask to add
-        return gqa_decode_tvm(query, key, value, bias, lo, hi - lo, sinks, scale)
+        return gqa_decode_tvm(query, key, value, _bias_rows(mask, lo, hi, b, s), lo, hi - lo, sinks, scale)
     if trimmed:
         if (lo, hi) != (0, l):
             key, value = key[:, :, lo:hi], value[:, :, lo:hi]  # views of the cache, no copy

@@ -5,8 +5,8 @@
 
 Attends over the cache slots [lo, lo + n) in place (no copy of K/V, the full static cache
 tensors go to the kernel with the offset), bias the additive mask of those slots (shared
-by all heads; None: every slot visible). The kernel writes per-chunk partial outputs; the
-combine here joins them (and GPT-OSS's sinks) with a few torch ops over [B, Hkv, NC, R, Dv].
+by all heads; None: every slot visible). The kernel writes per-chunk partial outputs; a
+second one joins them (and GPT-OSS's sinks) into the output.
 
 Modules are built once per AttentionKey and stored like the MoE kernels
 (cache.cache_dir(), atomic writes, the kernel file's hash in the name), and their parallel
@@ -43,8 +43,9 @@ def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def _load(key: AttentionKey):
-    """The kernel function for `key`: from memory, else the disk cache, else built and stored."""
+def _load(key: AttentionKey) -> dict:
+    """{name: function} of `key`'s module (the module stays loaded with them): from memory,
+    else the disk cache, else built and stored."""
     import tvm
 
     from moecc.backends.tvm.build import make_target
@@ -61,39 +62,20 @@ def _load(key: AttentionKey):
         write_atomic(path, built.export_library)
     module = tvm.runtime.load_module(str(path))
     use_torch_threads(path)
-    return module["gqa_decode_partial"], module
+    return {"module": module, **{name: module[name] for name in ("gqa_decode_partial", "gqa_decode_combine")}}
 
 
-def kernel_key(rows: int, s: int, d: int, dv: int, dtype: torch.dtype) -> AttentionKey:
+def kernel_key(rows: int, s: int, d: int, dv: int, dtype: torch.dtype, out_dtype: torch.dtype) -> AttentionKey:
     from moecc.backends.tvm.runtime import target_for
 
     return AttentionKey(rows=rows, s=s, d=d, dv=dv, dtype=_DTYPES[dtype], mcpu=target_for("cpu").mcpu,
-                        block=block_slots(rows))
+                        out_dtype=_DTYPES[out_dtype], block=block_slots(rows))
 
 
 def chunk_slots(n: int, units: int, threads: int) -> int:
     """Slots per task: enough tasks (>= 4 per thread) to balance, each >= MIN_CHUNK slots."""
     want = max(1, -(-4 * threads // units))  # chunks per (b, h)
     return max(MIN_CHUNK, -(-n // want))
-
-
-def combine(po: torch.Tensor, pm: torch.Tensor, pl: torch.Tensor, sinks: Optional[torch.Tensor],
-            hq: int, s: int, dtype: torch.dtype) -> torch.Tensor:
-    """Join the chunks: po [B, Hkv, NC, R, Dv], pm / pl [B, Hkv, NC, R] -> [B, Hq, S, Dv]."""
-    b, hkv, _, r, dv = po.shape
-    m = pm.amax(dim=2)  # [B, Hkv, R]
-    if sinks is not None:
-        sink_rows = sinks.float().view(hkv, r // s, 1).expand(hkv, r // s, s).reshape(1, hkv, r)
-        m = torch.maximum(m, sink_rows)
-    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    w = torch.exp(pm - m.unsqueeze(2))  # [B, Hkv, NC, R]; 0 for chunks that saw nothing
-    total = (pl * w).sum(dim=2)  # [B, Hkv, R]
-    if sinks is not None:
-        total = total + torch.exp(sink_rows - m)
-    out = torch.einsum("bhcr,bhcrv->bhrv", w, po) if po.shape[2] > 1 else po[:, :, 0] * w[:, :, 0, :, None]
-    # rows that saw nothing (total 0) give zeros; a NaN total (NaN in the cache) stays NaN
-    out = torch.where(total.unsqueeze(-1) == 0, torch.zeros_like(out), out / total.unsqueeze(-1))
-    return out.view(b, hq, s, dv).to(dtype)  # rows r = g*S + s: heads hkv*G + g
 
 
 def gqa_decode_tvm(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: Optional[torch.Tensor],
@@ -104,7 +86,7 @@ def gqa_decode_tvm(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     b, hq, s, d = query.shape
     hkv, dv = key.shape[1], value.shape[3]
     rows = (hq // hkv) * s
-    fn, _ = _load(kernel_key(rows, s, d, dv, key.dtype))
+    kernels = _load(kernel_key(rows, s, d, dv, key.dtype, query.dtype))
     qs = (query.float() * scale).reshape(b, hkv, rows, d).contiguous()  # [B, Hkv, R, D] rows (g, s)
     if bias is None:
         bias = torch.zeros(b, s, n, dtype=torch.float32)
@@ -114,5 +96,11 @@ def gqa_decode_tvm(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     po = torch.empty(b, hkv, nc, rows, dv, dtype=torch.float32)
     pm = torch.empty(b, hkv, nc, rows, dtype=torch.float32)
     pl = torch.empty(b, hkv, nc, rows, dtype=torch.float32)
-    fn(qs, key, value, bias, lo, n, chunk, po, pm, pl)
-    return combine(po, pm, pl, sinks, hq, s, query.dtype)
+    kernels["gqa_decode_partial"](qs, key, value, bias, lo, n, chunk, po, pm, pl)
+    if sinks is None:
+        sink_rows = torch.full((hkv, rows), float("-inf"))
+    else:  # [Hq] -> [Hkv, G, S] -> rows g*S + s
+        sink_rows = sinks.float().view(hkv, rows // s, 1).expand(hkv, rows // s, s).reshape(hkv, rows).contiguous()
+    out = torch.empty(b, hkv, rows, dv, dtype=query.dtype)
+    kernels["gqa_decode_combine"](po, pm, pl, sink_rows, out)
+    return out.view(b, hq, s, dv)  # rows r = g*S + s: heads hkv*G + g

@@ -58,6 +58,7 @@ class AttentionKey:
     dv: int  # value width Dv (multiple of 16)
     dtype: str  # K/V dtype: float32, bfloat16, float16
     mcpu: str  # LLVM CPU name
+    out_dtype: str = "float32"  # the query's dtype: the combine writes the output in it
     block: int = 16  # BL slots per online-softmax block
     prefetch: int = 16  # slots ahead for software prefetch (0: none)
 
@@ -72,7 +73,7 @@ class AttentionKey:
 
 def supported(rows: int, d: int, dv: int) -> bool:
     """Shapes the kernel is written for (others use the op's other kernels)."""
-    return rows in (2, 4, 8, 16) and d % VEC == 0 and dv % VEC == 0 and d <= 256 and dv <= 256
+    return rows in (2, 4, 8, 16) and d % VEC == 0 and dv % VEC == 0 and d <= 256 and dv < 256  # the combine's [Dv] row on the stack
 
 
 def block_slots(rows: int) -> int:
@@ -263,4 +264,43 @@ def attention_module(key: AttentionKey):
                 pm[b, h, c, r] = m_run[r]
                 pl[b, h, c, r] = l_run[r]
 
-    return tvm.IRModule({"gqa_decode_partial": gqa_decode_partial})
+    OUT = key.out_dtype
+
+    def to_out(x):
+        return tirx.Cast(OUT, x) if OUT != "float32" else x
+
+    @T.prim_func
+    def gqa_decode_combine(po_h: T.handle, pm_h: T.handle, pl_h: T.handle, sink_h: T.handle, out_h: T.handle):
+        T.func_attr({"global_symbol": "gqa_decode_combine", "tir.noalias": True})
+        b_ = T.int64()
+        hkv = T.int64()
+        nc = T.int64()
+        po = T.match_buffer(po_h, (b_, hkv, nc, R, DV), "float32")
+        pm = T.match_buffer(pm_h, (b_, hkv, nc, R), "float32")
+        pl = T.match_buffer(pl_h, (b_, hkv, nc, R), "float32")
+        sink = T.match_buffer(sink_h, (hkv, R), "float32")  # [Hkv, R] sink logit per row (-inf: none)
+        out = T.match_buffer(out_h, (b_, hkv, R, DV), OUT)  # [B, Hkv, R, Dv] = [B, Hq, S, Dv]
+        for bh in T.parallel(b_ * hkv):
+            o = T.alloc_buffer((DV,), "float32", scope=ACC)
+            st = T.alloc_buffer((3,), "float32", scope=ACC)  # max, its 0-for-empty form, total
+            h: T.let[T.int64] = bh % hkv
+            b: T.let[T.int64] = bh // hkv
+            for r in range(R):
+                st[0] = sink[h, r]
+                for c in range(nc):
+                    st[0] = T.max(st[0], pm[b, h, c, r])
+                st[1] = T.if_then_else(st[0] == T.float32(NEG_INF), T.float32(0), st[0])
+                st[2] = fast_exp(sink[h, r] - st[1], 1)
+                for x in T.vectorized(DV):
+                    o[x] = T.float32(0)
+                for c in range(nc):
+                    st[0] = fast_exp(pm[b, h, c, r] - st[1], 1)  # this chunk's weight (0 if it saw nothing)
+                    st[2] = st[2] + st[0] * pl[b, h, c, r]
+                    for x in T.vectorized(DV):
+                        o[x] = o[x] + st[0] * po[b, h, c, r, x]
+                # rows that saw nothing (total 0) give zeros; a NaN total stays NaN
+                st[2] = T.if_then_else(st[2] == T.float32(0), T.float32(0), T.float32(1) / st[2])
+                for x in T.vectorized(DV):
+                    out[b, h, r, x] = to_out(o[x] * st[2])
+
+    return tvm.IRModule({"gqa_decode_partial": gqa_decode_partial, "gqa_decode_combine": gqa_decode_combine})
