@@ -33,6 +33,9 @@ def register(subparsers) -> None:
                         "(QMoE needs a power of two >= 16; default: the precision config's)")
     p.add_argument("--standard-ops", action="store_true",
                    help="onnx only: every MoE layer in standard ONNX ops, no onnxruntime com.microsoft operators")
+    p.add_argument("--decoder", action="store_true",
+                   help="onnx only: write the decode step with its KV cache as inputs / outputs (decoder.onnx; "
+                        "run it with moecc.onnx_export.OnnxDecoder) instead of one cache-less forward")
     p.add_argument("--tokens-per-example", type=int, default=16, metavar="S",
                    help="onnx only: sequence length of the example input (batch 2); dynamic in the file")
     src = p.add_mutually_exclusive_group(required=True)
@@ -139,15 +142,21 @@ def export_onnx_main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"moecc export: {exc}", file=sys.stderr)
         return 2
-    model.config.use_cache = False  # one forward, logits out; no KV cache in the graph
-    # Batch 2: torch.export specialises size-1 dimensions, and both should stay dynamic.
-    example = torch.randint(0, vocab, (2, max(2, args.tokens_per_example)), generator=torch.Generator().manual_seed(0))
-    path = os.path.join(args.out, "model.onnx")
+    path = os.path.join(args.out, "decoder.onnx" if args.decoder else "model.onnx")
+    precision = args.precision
+    if precision and args.group_size:
+        precision = {"format": precision, "group_size": args.group_size}
     try:
-        precision = args.precision
-        if precision and args.group_size:
-            precision = {"format": precision, "group_size": args.group_size}
-        report = export_onnx(model, (example,), path, precision=precision, onnxruntime_ops=not args.standard_ops)
+        if args.decoder:
+            from moecc.onnx_export import export_onnx_decoder
+
+            report = export_onnx_decoder(model.eval(), path, precision, onnxruntime_ops=not args.standard_ops)
+        else:
+            model.config.use_cache = False  # one forward, logits out; no KV cache in the graph
+            # Batch 2: torch.export specialises size-1 dimensions, and both should stay dynamic.
+            example = torch.randint(0, vocab, (2, max(2, args.tokens_per_example)),
+                                    generator=torch.Generator().manual_seed(0))
+            report = export_onnx(model, (example,), path, precision=precision, onnxruntime_ops=not args.standard_ops)
     except OnnxExportError as exc:  # onnxruntime disagrees with PyTorch: an error, never a silent file
         print(f"moecc export: {exc}", file=sys.stderr)
         return 1

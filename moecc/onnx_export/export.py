@@ -87,11 +87,13 @@ def require_onnx() -> None:
 
 def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any], path: str, precision=None, *,
                 example_kwargs: Optional[dict] = None, verify: bool = True, rtol: float = 1e-4,
-                external_data: Optional[bool] = None, onnxruntime_ops: bool = True) -> ExportReport:
+                external_data: Optional[bool] = None, onnxruntime_ops: bool = True,
+                input_names: Optional[Sequence[str]] = None, output_names: Optional[Sequence[str]] = None,
+                dynamic_shapes=None) -> ExportReport:
     """Export `model` to ONNX at `path`, its MoE layers as onnxruntime MoE / QMoE where possible.
 
-    example_inputs: positional inputs of one forward (e.g. (input_ids,)); every dimension
-        is exported as dynamic where the model allows.
+    example_inputs: positional inputs of one forward (e.g. (input_ids,)); tensors, or tuples
+        of tensors (a KV cache); every dimension is exported as dynamic where the model allows.
     precision: None (weights as they are), "int8", "int4" or a moecc.precision config: the
         routed experts are lowered as torch.compile(options={"precision": ...}) would, and
         exported as QMoE with the packed weights unchanged.
@@ -102,6 +104,9 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any], path: str
     external_data: store weights in <path>.data (default: when they exceed 1 GiB).
     onnxruntime_ops: False writes every MoE layer in standard ONNX ops (for runtimes without
         onnxruntime's com.microsoft operators); the check still uses onnxruntime.
+    input_names, output_names: names of the file's inputs (positional order) and outputs
+        (default: torch.onnx.export's).
+    dynamic_shapes: torch.export's, for example_inputs (default: every dimension Dim.AUTO).
     """
     require_onnx()
     report = ExportReport(path=path)
@@ -119,7 +124,8 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any], path: str
         report.notes.append("the model has no MoE layer moecc captures; exported as plain ONNX")
     plan = _plan(layers, report, onnxruntime_ops)
     try:
-        proto = _torch_export(swapped, example_inputs, example_kwargs, plan)
+        proto = _torch_export(swapped, example_inputs, example_kwargs, plan, input_names, output_names,
+                              dynamic_shapes)
     except Exception as exc:  # say which MoE blocks stayed as the model wrote them: the usual cause
         if not report.notes:
             raise
@@ -202,7 +208,8 @@ def _plan(layers: list[FoundLayer], report: ExportReport, onnxruntime_ops: bool 
 
 # -- torch.onnx.export with the moecc op translated ------------------------------------
 
-def _torch_export(model, example_inputs, example_kwargs, plan: dict[str, _Function]):
+def _torch_export(model, example_inputs, example_kwargs, plan: dict[str, _Function], input_names=None,
+                  output_names=None, dynamic_shapes=None):
     """The onnx.ModelProto of `model`, each moecc op a call of its layer's function."""
     import onnxscript
 
@@ -227,10 +234,15 @@ def _torch_export(model, example_inputs, example_kwargs, plan: dict[str, _Functi
         op = onnxscript.values.Op(opset, fn.name, _op_schema(fn))
         return op(hidden, *[given[f] for f in fn.fields])
 
-    dims = tuple({i: torch.export.Dim.AUTO for i in range(t.dim())} if isinstance(t, torch.Tensor) else None
-                 for t in example_inputs)
+    def dynamic(x):  # every dimension of every tensor, nested tuples / lists followed
+        if isinstance(x, torch.Tensor):
+            return {i: torch.export.Dim.AUTO for i in range(x.dim())}
+        return type(x)(dynamic(v) for v in x) if isinstance(x, (tuple, list)) else None
+
+    dims = dynamic(tuple(example_inputs)) if dynamic_shapes is None else dynamic_shapes
     program = torch.onnx.export(
         model, example_inputs, kwargs=example_kwargs, dynamo=True, dynamic_shapes=dims, verbose=False,
+        input_names=input_names, output_names=output_names,
         custom_translation_table={moecc.ops.op_for_backend("reference"): moe_layer}, optimize=True)
     return program.model_proto
 
@@ -456,6 +468,7 @@ def _verify(path, reference_model, example_inputs, example_kwargs, rtol, report:
 
 def onnx_feeds(session, example_inputs, example_kwargs=None) -> dict:
     """Example tensors keyed by the session's input names (positional, then keyword order)."""
-    values = [t for t in (*example_inputs, *(example_kwargs or {}).values()) if isinstance(t, torch.Tensor)]
+    leaves = torch.utils._pytree.tree_leaves((tuple(example_inputs), list((example_kwargs or {}).values())))
+    values = [t for t in leaves if isinstance(t, torch.Tensor)]
     names = [i.name for i in session.get_inputs()]
     return {name: value.detach().cpu().numpy() for name, value in zip(names, values)}
