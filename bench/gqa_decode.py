@@ -14,8 +14,9 @@ Variants, all over the same cache tensors:
               in fp32, matmul (GPT-OSS's attention is this plus the sink column)
   sdpa_gqa    torch SDPA with enable_gqa over the cache cut to the live slots (a candidate)
   moecc       moecc::gqa_decode_attention (moecc/gqa.py): live-range cut by one host read
-              of the mask, then its CPU kernel: moecc's TVM kernel where TVM is installed
-              (backends/tvm/kernels_llvm_attention.py), else torch's flash CPU kernel
+              of the mask, then its CPU kernel ("auto"): moecc's TVM kernel where TVM is
+              installed (backends/tvm/kernels_llvm_attention.py; bf16 only from 8 MiB of
+              live K/V, moecc/gqa.py says why), else torch's flash CPU kernel
   moecc_flash the same op forced onto torch's flash CPU kernel (the kernel before the TVM one)
   kv_sum      torch.sum over the same valid K/V slices: the read rate of these bytes now
 Floor: the valid KV bytes (2 * B * Hkv * context * D * element size) over the read

@@ -36,7 +36,8 @@ CPU kernels, in order of preference ("auto"):
     slicing copies), with the G*S query rows of the group in registers, split in chunks
     across threads (flash-decoding) and combined here-after (with the sinks). Taken when
     TVM imports, G*S is 2, 4, 8 or 16, D and Dv are multiples of 16 (<= 256), the cache
-    is contiguous and the mask is the same for every head ([B|1, 1, S|1, L]).
+    is contiguous and the mask is the same for every head ([B|1, 1, S|1, L]); for bf16 /
+    fp16 only from 8 MiB of live K/V per call (_TVM_AUTO_MIN_BYTES says why).
   - "flash": torch's flash-attention CPU kernel (blocked online softmax, fp32
     accumulation, bf16/fp16 inputs read as they are) over the regrouped query and the cut
     cache views; its log-sum-exp gives the sink correction out * sigmoid(lse - sink).
@@ -60,6 +61,14 @@ _LIB.define("gqa_decode_attention(Tensor query, Tensor key, Tensor value, Tensor
 
 _FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KERNELS = ("auto", "tvm", "flash", "grouped")
+# "auto" takes the TVM kernel for live K/V of at least this many bytes per call. fp32:
+# always (level with flash from L2/L3, faster from DRAM). bf16/fp16: only where the step
+# streams from DRAM (8k-slot caches and up at Qwen3-30B-A3B widths): there it beat flash
+# (3.3-3.8 vs 4.2-4.7 ms, 8k, 1 thread), while from L2/L3 torch's flash kernel, which
+# computes with bf16 dot products, took 0.45-0.54 ms against 0.73 (2k, docs/kv_cache.md);
+# the TVM kernel widens to fp32 FMAs (TVM legalises bf16 vectors to fp32, so `vdpbf16ps`
+# could not be emitted).
+_TVM_AUTO_MIN_BYTES = {torch.float32: 0, torch.bfloat16: 8 << 20, torch.float16: 8 << 20}
 
 
 def _tvm_takes(query, key, value) -> bool:
@@ -217,10 +226,11 @@ def gqa_decode_attention_reference(query: torch.Tensor, key: torch.Tensor, value
     trimmed = trim if trim is not None else on_cpu
     lo, hi = live_range(mask, sinks is not None, l) if trimmed else (0, l)
     tvm_ok = on_cpu and (mask is None or mask.shape[1] == 1) and _tvm_takes(query, key, value)
+    tvm_auto = tvm_ok and 2 * b * hkv * (hi - lo) * key.shape[-1] * key.element_size() >= _TVM_AUTO_MIN_BYTES[key.dtype]
     if kernel == "tvm" and not tvm_ok:
         raise ValueError("the TVM kernel needs TVM installed, CPU tensors, G*S in (2, 4, 8, 16), D and Dv "
                          "multiples of 16 (<= 256), a contiguous cache and a mask shared by the heads")
-    if kernel == "tvm" or (kernel == "auto" and tvm_ok):
+    if kernel == "tvm" or (kernel == "auto" and tvm_auto):
         from moecc.backends.tvm.attention import gqa_decode_tvm
 
         return gqa_decode_tvm(query, key, value, _bias_rows(mask, lo, hi, b, s), lo, hi - lo, sinks, scale)
