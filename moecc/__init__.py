@@ -53,6 +53,10 @@ def __getattr__(name: str):
         from moecc.quantize_module import quantize_
 
         return quantize_
+    if name in ("save_quantized", "load_quantized"):
+        from moecc import quantized_checkpoint
+
+        return getattr(quantized_checkpoint, name)
     if name == "CompileOptions":
         from moecc.options import CompileOptions
 
