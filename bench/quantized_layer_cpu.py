@@ -15,7 +15,8 @@ CPU weight-only matmuls applied expert by expert as the peer a torch user has
 random (speed does not depend on values); `--layers` copies are cycled call by call and
 each call routes fresh hidden states, so weights come from DRAM as in a decode step.
 Floor: unique experts hit x bytes per expert (scales included) / the read bandwidth
-measured in the same run (moecc.roofline.cpu_read_bandwidth). Median of 2 x 24 calls.
+measured in the same run (moecc.roofline.cpu_read_bandwidth). Median of 2 x 24 calls
+(`--interleave`: the formats take turns call by call; for a machine others share).
 
 A benchmark, not a test: numbers go to docs/precision.md with the machine and date.
 """
@@ -262,6 +263,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--linear", action="store_true", help="time one dense linear in each format instead")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS,
                         help="which formats to time (bf16 always: the speed-ups are over it)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the formats call by call in turn instead of one format after another")
     parser.add_argument("--fp8-decoders-in-cache", action="store_true",
                         help="time each fp8 decoder on a small layer whose weights stay in cache instead")
     parser.add_argument("--fp8-decoders", action="store_true",
@@ -288,7 +291,7 @@ def main(argv=None) -> dict:
         decoders = _fp8_decoder_calls(tvm_layers["fp8 b128"], tempfile.mkdtemp(prefix="moecc_fp8_"))
     bw = cpu_read_bandwidth(1.0)
     print(f"threads {torch.get_num_threads()}, read bandwidth {bw / 1e9:.1f} GB/s", flush=True)
-    results = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "read_bandwidth": bw,
+    results = {"date": time.strftime("%Y-%m-%d"), "interleave": args.interleave, "threads": torch.get_num_threads(), "read_bandwidth": bw,
                "shape": {"E": E, "N": N, "K": K, "top_k": TOP}, "rows": []}
     for m in args.tokens:
         xs = [torch.randn(m, K, generator=gen).to(torch.bfloat16) for _ in range(8)]
@@ -297,6 +300,7 @@ def main(argv=None) -> dict:
             int(torch.unique(route(router_logits(xs[i % 8], tvm_layers["bf16"][i % args.layers][0].router_weight,
                                                  None, spec0.router), spec0.router)[1]).numel()) for i in range(24))
         row = {"tokens": m, "experts_hit": hit, "formats": {}}
+        calls = {}
         for name in formats + list(decoders):
             if name in decoders:
                 def call(i, name=name):
@@ -311,12 +315,18 @@ def main(argv=None) -> dict:
                     tvm_backend.moe_layer(xs[i % 8], w, spec)
             for i in range(args.layers):
                 call(i)  # build / load kernels, first touch
-            times = []
-            for i in range(48):
-                t0 = time.perf_counter()
-                call(i)
-                times.append(time.perf_counter() - t0)
-            ms = statistics.median(times) * 1e3
+            calls[name] = call
+        times = {name: [] for name in calls}
+        # --interleave: one call of each format in turn, so every format sees the same
+        # load from other processes (the ratios stay comparable on a shared machine).
+        order = ([(i, name) for i in range(48) for name in calls] if args.interleave
+                 else [(i, name) for name in calls for i in range(48)])
+        for i, name in order:
+            t0 = time.perf_counter()
+            calls[name](i)
+            times[name].append(time.perf_counter() - t0)
+        for name in calls:
+            ms = statistics.median(times[name]) * 1e3
             floor = hit * expert_bytes(name) / bw * 1e3
             row["formats"][name] = {"ms": ms, "floor_ms": floor, "fraction_of_floor": floor / ms}
         base = row["formats"]["bf16"]["ms"]
