@@ -62,6 +62,9 @@ def _dequantize(packed: torch.Tensor, scales: torch.Tensor, fmt: str, dtype: tor
     """backends/reference/quantized.dequantize, written with ops that export (no uint8 shifts)."""
     from moecc.backends.reference.quantized import ZERO_POINT
 
+    if fmt == "fp8":
+        raise NotImplementedError("ONNX export does not write fp8 experts yet; export with precision "
+                                  "'int8' or 'int4', or without precision")
     q = packed.to(torch.int32)  # [E', R, C/P]
     if fmt == "int4":
         lo, hi = torch.remainder(q, 16), torch.div(q, 16, rounding_mode="floor")

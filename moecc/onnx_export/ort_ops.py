@@ -68,6 +68,8 @@ def ort_experts_unsupported(spec: MoELayerSpec) -> list[str]:
         why.append("int8 activations")
     if e.weight_format != "dense" and e.group_size and (e.group_size < 16 or e.group_size & (e.group_size - 1)):
         why.append(f"group size {e.group_size} (QMoE blocks are powers of two >= 16)")
+    if e.weight_format == "fp8":
+        why.append("fp8 weights (QMoE reads int8 / int4)")
     if e.weight_format == "int8" and e.group_size:
         why.append("block-wise int8 (onnxruntime's CPU kernel quantises activations to int8 for it)")
     return why

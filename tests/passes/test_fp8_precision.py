@@ -113,3 +113,18 @@ def test_lowering_binds_fp8_layers_to_tvm_on_cpu_and_matches_the_reference():
     packed = weights._replace(**{f: ctx.value(args[f]) for f in ("gate_up", "down", "gate_up_scale", "down_scale")})
     check_close(ctx.gm(*values), reference.moe_layer(values[0], packed, MoELayerSpec.from_json(node.args[-1])),
                 torch.float32)
+
+
+def test_onnx_export_refuses_fp8_experts_instead_of_misreading_them():
+    """QMoE reads int8 / int4 only, and the decomposed fallback has no fp8 decoder yet:
+    an fp8 layer is never written as if its bytes were integers."""
+    from moecc.onnx_export.decompose import _expert_stacks
+    from moecc.onnx_export.ort_ops import ort_experts_unsupported
+
+    ctx, _, node, *_ = _lowered("fp8")
+    spec = MoELayerSpec.from_json(node.args[-1])
+    assert any("fp8" in why for why in ort_experts_unsupported(spec))
+    weights = dict(zip(MOE_WEIGHT_FIELDS, (ctx.value(n) if n is not None else None for n in node.args[1:-1])))
+    from moecc.weights import MoEWeights
+    with pytest.raises(NotImplementedError, match="does not write fp8"):
+        _expert_stacks(MoEWeights(**weights), spec, torch.float32)
