@@ -36,13 +36,16 @@ the semantics every kernel is tested against); compiling hands the op node to th
 pipeline, where capture finds nothing left to capture, the precision pass counts the
 layer as `prepacked`, and lower_kernels binds it to the TVM llvm kernels on a CPU.
 
-Memory (docs/precision.md has the measurement): expert stacks are single tensors
-[E, ., .], so a stack's storage can only be released whole. Peak >= the model before
-quantize_ + one layer's packed stack (+ one layer's canonical copy where the source
-layout must be re-laid out); measured higher (+2.4 GiB at int8 on a 4-layer
-Qwen3-30B-A3B-width bf16 model, one layer packed 0.56 GiB: the SQNR probe's dequantised
-experts). Each layer's original stack is freed as soon as its packed one exists, so the
-model ends at its quantised size.
+Memory (docs/precision.md has the measurement): each layer's original block is dropped
+the moment its packed layer is swapped in, so its stacks are freed before the next layer
+is packed. That needs one full garbage collection after the capture run: Dynamo's tracing
+leaves cyclic garbage that references every module it traced. Expert stacks are single
+tensors [E, ., .], whose storage can only be freed whole, so the reachable peak of an
+in-place quantize_ is the model before it + one layer's packed stack (allocated once, at
+its final size, filled expert by expert) + one expert's fp32 temporaries (+ one layer's
+canonical copy where the source layout must be re-laid out); the model ends at its
+quantised size. "Quantised size + one expert" needs the originals never resident at
+once: moecc.load_quantized reads a saved quantised model tensor by tensor.
 """
 
 from __future__ import annotations
