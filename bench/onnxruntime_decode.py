@@ -2,12 +2,18 @@
 
     python -m moecc.bench.onnxruntime_decode --out DIR [--model qwen3-moe-stdlib] [--batches 1 4]
                                               [--rounds 2] [--new-tokens 32]
+    python -m moecc.bench.onnxruntime_decode --out DIR --model qwen3-30b-a3b-widths --layers 1
 
 Model: `moecc demo`'s (a trained model shipped with moecc, fp32), greedy decode of the demo
-prompt (batch B: the prompt repeated B times). Variants, each in its own process (no
+prompt (batch B: the prompt repeated B times, so every sequence routes alike); or
+bench/cpu_decode.py's model at Qwen3-30B-A3B widths (random weights, `--layers` layers, its
+B different 16-token prompts), where the expert weights, not the per-step overheads, decide. Variants, each in its own process (no
 thread pool, graph or cache is inherited), `--rounds` times interleaved, best median kept:
     eager             model.generate() as transformers runs it
     moecc             generate() with the static cache and CompileConfig(backend="moecc")
+    moecc step        the same compiled decode step called in a plain loop (static cache, argmax,
+                      no generate()): what a serving loop around moecc pays, comparable with
+                      onnxruntime's session.run loop
     onnxruntime       the decode step exported by moecc.onnx_export.export_onnx_decoder (MoE
                       layers as com.microsoft.MoE, the KV cache as inputs / outputs), run by
                       OnnxDecoder in one onnxruntime session, intra-op threads = torch's
@@ -17,10 +23,11 @@ calls of a greedy generate() after a warm-up one (as bench/cpu_decode.py); onnxr
 the median of argmax + session.run per step. The first `--skip-steps` steps are dropped.
 Every variant's greedy tokens are compared with eager's (column "same tokens").
 
-The floor: the model's weight bytes (all of them: the model is small and top-k of its
-experts covers most of them at once) over the read bandwidth (torch.sum over 1 GiB)
-measured before each process; for a model this small the weights sit in the CPU caches,
-so the fraction can exceed 100%. A plain script, not a test.
+The floor: the weight bytes one decode step reads (bench/cpu_decode.py's count: every
+non-expert weight, B embedding rows, the distinct experts the step's routing selects, from
+the eager run with hooks) over the read bandwidth (torch.sum over 1 GiB) measured before
+each process; the demo model's weights sit in the CPU caches, so its fraction can exceed
+100%. A plain script, not a test.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import torch
 
 from moecc.roofline import cpu_read_bandwidth
 
-VARIANTS = ("eager", "moecc", "onnxruntime", "onnxruntime std")
+VARIANTS = ("eager", "moecc", "moecc step", "onnxruntime", "onnxruntime std")
 
 
 @dataclass(frozen=True)
@@ -52,9 +59,19 @@ class DecodeBenchConfig:
     new_tokens: int = 32
     skip_steps: int = 4
     threads: int = 0  # 0: torch's default
+    layers: int = 1  # WIDE_MODEL only
+
+
+WIDE_MODEL = "qwen3-30b-a3b-widths"  # bench/cpu_decode.py's model (random weights), `layers` of them
 
 
 def _model_and_prompt(cfg: DecodeBenchConfig, batch: int):
+    """The model (fp32, eval) and the prompt ids [B, P]."""
+    if cfg.model == WIDE_MODEL:
+        from moecc.bench.cpu_decode import CPUDecodeConfig, build_model as build_wide, prompt_ids
+
+        wide = CPUDecodeConfig(layers=cfg.layers)
+        return build_wide(wide, torch.float32), prompt_ids(wide, batch)  # B different prompts
     from moecc.commands.demo import DEMO_PROMPT
     from moecc.models import build_model
     from moecc.tokenizer import ByteTokenizer
@@ -65,7 +82,8 @@ def _model_and_prompt(cfg: DecodeBenchConfig, batch: int):
 
 
 def torch_worker(variant: str, cfg: DecodeBenchConfig) -> dict:
-    from moecc.bench.e2e_decode import E2EConfig, _generate, _StepClock, _variant_kwargs
+    from moecc.bench.e2e_decode import (E2EConfig, _generate, _StepClock, _variant_kwargs, routing_stats,
+                                        weight_bytes_per_step)
 
     out = {}
     for batch in cfg.batches:
@@ -80,7 +98,47 @@ def torch_worker(variant: str, cfg: DecodeBenchConfig) -> dict:
         steps = clock.intervals_ms()[cfg.skip_steps:]
         out[str(batch)] = {"step_ms": statistics.median(steps), "min_step_ms": min(steps), "steps": len(steps),
                            "tokens": tokens.tolist(),
-                           "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+                           "weight_bytes": weight_bytes_per_step(model, batch, routing_stats(model, ids, mask))
+                           if variant == "eager" else None}
+    return out
+
+
+def moecc_step_worker(cfg: DecodeBenchConfig) -> dict:
+    """The compiled decode step alone: prefill eagerly into a StaticCache, then one compiled
+    forward (backend="moecc") + argmax per token."""
+    from transformers import StaticCache
+
+    out = {}
+    for batch in cfg.batches:
+        model, ids = _model_and_prompt(cfg, batch)
+        torch._dynamo.reset()
+        arg = "cache" if "cache" in __import__("inspect").signature(model.forward).parameters else "past_key_values"
+        step = torch.compile(model.forward, backend="moecc", fullgraph=True, dynamic=False)
+
+        def greedy(clock: list):
+            p = ids.shape[1]
+            cache = StaticCache(config=model.config, max_cache_len=p + cfg.new_tokens)
+            logits = model(input_ids=ids, use_cache=True, **{arg: cache}).logits[:, -1]
+            tokens = []
+            for i in range(cfg.new_tokens):
+                t0 = time.perf_counter()
+                tok = logits.argmax(-1, keepdim=True)  # [B, 1]
+                tokens.append(tok)
+                if i == cfg.new_tokens - 1:
+                    break
+                pos = torch.tensor([p + i])
+                logits = step(input_ids=tok, position_ids=pos.expand(batch, 1), cache_position=pos, use_cache=True,
+                              **{arg: cache}).logits[:, -1]
+                clock.append((time.perf_counter() - t0) * 1e3)
+            return torch.cat(tokens, 1)
+
+        with torch.no_grad():
+            greedy([])  # warm-up (compiles)
+            clock: list = []
+            tokens = greedy(clock)
+        steps = clock[cfg.skip_steps:]
+        out[str(batch)] = {"step_ms": statistics.median(steps), "min_step_ms": min(steps), "steps": len(steps),
+                           "tokens": tokens.tolist()}
     return out
 
 
@@ -160,7 +218,7 @@ def format_table(res: dict) -> str:
     bw = res["read_bandwidth_gbps"]
     lines = [f"model {res['config']['model']} (fp32), greedy decode, read bandwidth {min(bw):.1f}-{max(bw):.1f} GB/s; "
              "ms per step (fraction of the weight-streaming floor), same tokens as eager", "",
-             "| batch | weights (MB) | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+             "| batch | MB read / step | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for row in res["rows"]:
         cells = []
         for c in cols:
@@ -181,7 +239,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worker", nargs=3, metavar=("VARIANT", "CONFIG_JSON", "DIR"), help=argparse.SUPPRESS)
     p.add_argument("--out", default="bench_results/onnxruntime_decode")
-    p.add_argument("--model", default=DecodeBenchConfig.model)
+    p.add_argument("--model", default=DecodeBenchConfig.model,
+                   help=f"a built-in or trained model, or {WIDE_MODEL} (bench/cpu_decode.py's random-weight "
+                        "model at Qwen3-30B-A3B widths, vocabulary 4096; --layers of them)")
+    p.add_argument("--layers", type=int, default=DecodeBenchConfig.layers, help=f"{WIDE_MODEL} only")
     p.add_argument("--batches", nargs="+", type=int, default=list(DecodeBenchConfig.batches))
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--rounds", type=int, default=DecodeBenchConfig.rounds)
@@ -195,13 +256,13 @@ def main(argv=None) -> int:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         res = (onnxruntime_worker(variant, cfg, Path(files)) if variant.startswith("onnxruntime")
-               else torch_worker(variant, cfg))
+               else moecc_step_worker(cfg) if variant == "moecc step" else torch_worker(variant, cfg))
         print(json.dumps(res))
         return 0
     if a.new_tokens <= DecodeBenchConfig.skip_steps + 1 or min(a.batches) < 1 or a.rounds < 1:
         p.error(f"--new-tokens must exceed {DecodeBenchConfig.skip_steps + 1}; --batches and --rounds >= 1")
     cfg = DecodeBenchConfig(model=a.model, batches=tuple(a.batches), variants=tuple(a.variants), rounds=a.rounds,
-                            new_tokens=a.new_tokens, threads=a.threads)
+                            new_tokens=a.new_tokens, threads=a.threads, layers=a.layers)
     res = run(cfg, a.out)
     Path(a.out, "onnxruntime_decode.json").write_text(json.dumps(res, indent=1))
     table = format_table(res)
