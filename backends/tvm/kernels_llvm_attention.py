@@ -35,7 +35,8 @@ Slots past the chunk's end inside the last block are read at the chunk's last sl
 read past the valid range or the buffer) and masked to -inf.
 
 Stack arrays stay under TVM's 1024-byte alloca limit (kernels_llvm.py says why), which is
-what bounds BL * R. Rows that see nothing (all -inf) keep m = -inf, l = 0, output 0.
+what bounds BL * R; at R = 16 the R x 16 accumulators reach it and become a heap
+workspace (correct, slower; not measured). Rows that see nothing (all -inf) keep m = -inf, l = 0, output 0.
 """
 
 from __future__ import annotations
