@@ -8,9 +8,11 @@ Each node of domain "moecc" (one MoE layer: a call of a local function whose doc
 holds the layer spec, see export.py) becomes a MoELayerModule holding that layer's
 initializers, back in the canonical layout (gate/up rows de-interleaved, per-row scales
 [E, R] -> [E, R, 1]); the module runs the moecc reference op, and torch.compile with the
-moecc backend lowers it to its kernels. Every other node runs through onnx_ops.OPS, in
-graph order. Assumes a graph of standard ONNX ops (those OPS covers) plus moecc layer
-functions; anything else is an ImportError naming the op.
+moecc backend lowers it to its kernels. onnxruntime's own com.microsoft MoE / QMoE nodes
+(files moecc did not write) become MoELayerModules too, their router Gemm / MatMul folded
+in (foreign_moe.py). Every other node runs through onnx_ops.OPS, in graph order. Assumes
+a graph of standard ONNX ops (those OPS covers) plus these MoE layers; anything else is an
+ImportError naming the op.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import re
 
 import torch
 
+from moecc.onnx_export.foreign_moe import FOREIGN_OPS, foreign_layer, graph_links
 from moecc.onnx_export.layers import MoELayerModule
 from moecc.onnx_export.onnx_ops import ONNX_DTYPES, OPS, HostInts
 from moecc.spec import MoELayerSpec
@@ -59,7 +62,23 @@ class OnnxModule(torch.nn.Module):
         self._host: dict[str, HostInts] = {}
         self._steps = []
         moe_inputs = set()
-        for node in graph.node:
+        producers, consumers = graph_links(graph)
+        folded: set[str] = set()  # router nodes a foreign MoE layer absorbs
+        foreign: dict[int, tuple[str, MoELayerModule]] = {}
+        for i, node in enumerate(graph.node):
+            if node.domain == "com.microsoft" and node.op_type in FOREIGN_OPS:
+                module, absorbed = foreign_layer(node, producers, consumers, tensors, kernel_backend)
+                foreign[i] = (re.sub(r"\W", "_", node.name or node.output[0]), module)
+                folded.update(absorbed)
+        for i, node in enumerate(graph.node):
+            if (node.name or node.output[0]) in folded:
+                continue
+            if i in foreign:
+                name, module = foreign[i]
+                self.moe[name] = module
+                self._steps.append(("moe", name, [node.input[0]], list(node.output), {}))
+                moe_inputs.update(node.input[1:])
+                continue
             if node.domain == DOMAIN:
                 name, module = _layer_module(node, functions, tensors, kernel_backend)
                 self.moe[name] = module
