@@ -2,7 +2,7 @@
 moecc vs transformers eager, ms per decode step (issue 11).
 
     PYTHONPATH=. python bench/mla_e2e.py [--context 2048] [--new-tokens 8] [--dtype bf16|fp32]
-                                         [--layers 4] [--tiny] [--json out.json]
+                                         [--layers 4] [--tiny] [--option NAME=JSON] [--json out.json]
 
 Model: bench/e2e_decode.py's `deepseek-v2-lite-4l` (DeepSeek-V2-Lite widths: hidden 2048,
 16 heads of MLA with kv_lora_rank 512 / rope 64 / nope 128 / v 128, 64 routed experts of
@@ -43,7 +43,8 @@ def _decode_ms(model, ids, new_tokens: int, **kwargs) -> list[float]:
     return clock.intervals_ms()[SKIP:]
 
 
-def run(context: int, new_tokens: int, dtype: torch.dtype, layers: int, tiny: bool = False) -> dict:
+def run(context: int, new_tokens: int, dtype: torch.dtype, layers: int, tiny: bool = False,
+        options: tuple = ()) -> dict:
     from moecc.bench.e2e_decode import E2EConfig, _new_compile_report, _variant_kwargs, build_model
 
     model = build_model("deepseek-v2-lite-4l", "cpu", dtype, layers, tiny)
@@ -53,7 +54,7 @@ def run(context: int, new_tokens: int, dtype: torch.dtype, layers: int, tiny: bo
     eager_s = time.perf_counter() - t0
     torch._dynamo.reset()
     report = _new_compile_report()
-    cfg = E2EConfig(device="cpu", compile_all_devices=True, moecc_options=(("rest_of_graph", "eager"),))
+    cfg = E2EConfig(device="cpu", compile_all_devices=True, moecc_options=(("rest_of_graph", "eager"), *options))
     kw = _variant_kwargs("moecc", None, cfg, report)
     t0 = time.perf_counter()
     _decode_ms(model, ids, new_tokens, **kw)  # warm-up: compiles the decode step
@@ -63,7 +64,7 @@ def run(context: int, new_tokens: int, dtype: torch.dtype, layers: int, tiny: bo
     mla = sum(p.counters.get("rewritten", 0) for passes in rewritten for p in passes if p.name == "mla_absorb")
     if mla < layers:
         raise RuntimeError(f"moecc rewrote MLA in {mla} of {layers} layers:\n{report.format()}")
-    return {"context": context, "new_tokens": new_tokens, "dtype": str(dtype), "layers": layers,
+    return {"options": dict(options), "context": context, "new_tokens": new_tokens, "dtype": str(dtype), "layers": layers,
             "eager_ms": statistics.median(eager), "eager_best_ms": min(eager), "eager_steps": eager,
             "moecc_ms": statistics.median(moecc), "moecc_best_ms": min(moecc), "moecc_steps": moecc,
             "speedup": statistics.median(eager) / statistics.median(moecc), "mla_rewritten": mla,
@@ -77,13 +78,16 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--tiny", action="store_true", help="CPU-sized widths (smoke run of the script)")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=JSON",
+                   help="an extra moecc option, e.g. decode_gemv=false (repeatable)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.new_tokens <= SKIP + 1:
         p.error(f"--new-tokens must be > {SKIP + 1} (the first {SKIP} intervals are dropped)")
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads), load average {os.getloadavg()[0]:.1f}")
-    r = run(args.context, args.new_tokens, DTYPES[args.dtype], args.layers, args.tiny)
+    options = tuple((k, json.loads(v)) for k, v in (o.split("=", 1) for o in args.option))
+    r = run(args.context, args.new_tokens, DTYPES[args.dtype], args.layers, args.tiny, options)
     print(f"deepseek-v2-lite widths, {args.layers} layers, {args.dtype}, batch 1, context {args.context}: "
           f"eager {r['eager_ms']:.1f} ms/step (best {r['eager_best_ms']:.1f}), moecc {r['moecc_ms']:.1f} "
           f"(best {r['moecc_best_ms']:.1f}): {r['speedup']:.1f}x; MLA rewritten in {r['mla_rewritten']} "
