@@ -78,3 +78,39 @@ def test_quantize_linears_must_be_a_bool():
     with pytest.raises(OptionsError,
                        match="quantize_linears"):
         moecc.CompileOptions(quantize_linears="yes")
+
+
+class QKV(torch.nn.Module):
+    """Three bias-free projections of one input (an attention block's q / k / v) and a
+    fourth linear with a bias on the same input, which stays its own op."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(64, n, bias=False) for n in (96, 32, 32))
+        self.g = torch.nn.Linear(64, 16)
+
+    def forward(self, x):
+        q, k, v = self.q(x).view(*x.shape[:-1], 3, 32), self.k(x), self.v(x)  # the slice is viewed like q
+        return torch.cat([(q * k.unsqueeze(-2)).sum(-1), v, self.g(x)], dim=-1)
+
+
+@pytest.mark.parametrize("precision,activations", [("w8a8", "int8"), ({"format": "int4", "group_size": 32}, "float")])
+def test_siblings_reading_one_input_become_one_op(precision, activations):
+    """q, k and v go into one op over their stacked rows; each output is its columns, so the
+    result is each linear's reference exactly as if lowered alone (the bias linear too)."""
+    torch.manual_seed(2)
+    model, x = QKV().eval(), torch.randn(2, 5, 64)
+    with torch.no_grad():
+        out, report = _compile(model, x, precision=precision, quantize_linears=True)
+    cfg = moecc.CompileOptions(precision=precision).precision
+    fmt, group = cfg.weight_format, cfg.group_size or 0
+    assert report.pass_counter("linear_precision", fmt) == 4 and report.pass_counter("linear_precision", "merged") == 2
+
+    def ref(lin):
+        q = quantize_rows(lin.weight, fmt, group)
+        return reference_linear(x, q.packed, q.scales, lin.bias, fmt, group, activations)
+
+    with torch.no_grad():
+        q, k, v = ref(model.q).view(2, 5, 3, 32), ref(model.k), ref(model.v)
+        expected = torch.cat([(q * k.unsqueeze(-2)).sum(-1), v, ref(model.g)], dim=-1)
+    check_close(out, expected, torch.float32)
