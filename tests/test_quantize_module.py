@@ -229,6 +229,21 @@ def test_save_load_round_trip(tiny, tmp_path):
             assert torch.equal(model(tiny.ids).logits, expected)
 
 
+
+def test_fp8_save_load_round_trip(tmp_path):
+    """fp8 packed experts (float8_e4m3fn bytes + block scales) survive the file: same dtype,
+    same logits, no re-quantisation."""
+    model = build_model("qwen3-moe-tiny")
+    quantize_(model, "fp8")
+    ids = _ids(model.config.vocab_size)
+    path = tmp_path / "tiny-fp8.safetensors"
+    save_quantized(model, path)
+    loaded = load_quantized(None, path)
+    assert [m.spec.experts.weight_format for m in _layers(loaded)] == ["fp8"] * 2
+    assert all(m.gate_up.dtype == torch.float8_e4m3fn for m in _layers(loaded))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
 def test_save_load_bad_input(tiny, tmp_path):
     from safetensors.torch import save_file
 
