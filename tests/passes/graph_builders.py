@@ -46,3 +46,20 @@ def structure(gm) -> list[tuple]:
             target = "derived"
         out.append((n.op, target))
     return out
+
+
+def lowered_layer(precision, k: int = 64, n: int = 32):
+    """A random E=8 top-2 layer graph after passes/precision_lowering.py with `precision`:
+    (ctx, pass result, the moe node, spec, weights, placeholder values)."""
+    import layer_factory
+    from moecc.passes import precision_lowering
+    from moecc.spec import RouterSpec
+
+    torch.manual_seed(0)
+    spec, weights = layer_factory.make_layer(RouterSpec(8, 2), k=k, n=n)
+    gm, values = layer_graph(weights, spec)
+    ctx = context(gm, values, precision=precision)
+    result = precision_lowering.run(ctx)
+    gm.graph.lint()
+    gm.recompile()
+    return ctx, result, ctx.moe_nodes()[0], spec, weights, values

@@ -10,31 +10,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from graph_builders import context, layer_graph
+from graph_builders import context, lowered_layer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends"))
-import layer_factory  # noqa: E402
 
 from moecc.backends import reference  # noqa: E402
 from moecc.backends.reference.quantized import dequantize  # noqa: E402
 from moecc.options import CompileOptions, OptionsError  # noqa: E402
-from moecc.passes import lower_kernels, precision_lowering  # noqa: E402
+from moecc.passes import lower_kernels  # noqa: E402
 from moecc.precision import (Fp8BlockScaled, Int8WeightOnly, PrecisionError, describe, format_name,  # noqa: E402
                              parse_precision)
-from moecc.spec import MoELayerSpec, RouterSpec  # noqa: E402
+from moecc.spec import MoELayerSpec  # noqa: E402
 from moecc.tolerances import check_close  # noqa: E402
 from moecc.weights import MOE_WEIGHT_FIELDS  # noqa: E402
 
 
 def _lowered(precision, k=96, n=48):
-    torch.manual_seed(0)
-    spec, weights = layer_factory.make_layer(RouterSpec(8, 2), k=k, n=n)
-    gm, values = layer_graph(weights, spec)
-    ctx = context(gm, values, precision=precision)
-    result = precision_lowering.run(ctx)
-    gm.graph.lint()
-    gm.recompile()
-    return ctx, result, ctx.moe_nodes()[0], spec, weights, values
+    return lowered_layer(precision, k, n)
 
 
 def test_fp8_config_shorthand_dict_and_defaults():
