@@ -62,3 +62,19 @@ def tie_free_hidden(spec: MoELayerSpec, weights: MoEWeights, tokens: int, dtype:
             return x
         x[tied] = torch.randn(int(tied.sum()), spec.experts.hidden_size, device=device).to(dtype)
     raise RuntimeError("could not draw hidden states without a routing near-tie; lower the margin")
+
+
+def check_tvm_against_reference(spec: MoELayerSpec, weights: MoEWeights, tokens: int, dtype: torch.dtype,
+                                config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The TVM op on tie-free hidden states [T, K] against the reference op computed in fp32
+    on the same inputs (the kernels' math), within `dtype`'s tolerance; returns (x, reference)."""
+    from moecc.backends import reference
+    from moecc.backends.tvm import moe_layer
+    from moecc.tolerances import check_close
+
+    x = tie_free_hidden(spec, weights, tokens, dtype)
+    out = moe_layer(x, weights, spec, config)
+    assert out.dtype == dtype and out.shape == x.shape
+    ref = reference.moe_layer(x.float(), weights, spec)
+    check_close(out.float() if dtype == torch.float32 else out, ref.to(dtype), dtype)
+    return x, ref

@@ -115,15 +115,9 @@ def _cache_dir(fresh_tvm_cache):
 @pytest.mark.parametrize("k,n,block", [(96, 48, 64), (128, 64, 32), (192, 80, 128)])  # short last blocks
 @pytest.mark.parametrize("tokens", [1, 7])  # one token (most experts empty); ragged
 def test_tvm_fp8_matches_reference(dtype, k, n, block, tokens):
-    from moecc.backends.tvm import moe_layer
-
     torch.manual_seed(tokens + k)
     _, qspec, qw, _ = fp8_layer(RouterSpec(8, 2), block, dtype=dtype, k=k, n=n)
-    x = layer_factory.tie_free_hidden(qspec, qw, tokens, dtype)
-    out = moe_layer(x, qw, qspec, CFG)
-    assert out.dtype == dtype and out.shape == x.shape
-    ref = reference.moe_layer(x.float(), qw, qspec)  # fp32 math on the same inputs: the kernel's math
-    check_close(out.float() if dtype == torch.float32 else out, ref.to(dtype), dtype)
+    layer_factory.check_tvm_against_reference(qspec, qw, tokens, dtype, CFG)
 
 
 @pytest.mark.tvm

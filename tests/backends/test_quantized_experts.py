@@ -104,15 +104,9 @@ def _cache_dir(fresh_tvm_cache):
 @pytest.mark.parametrize("fmt,group", [("int8", 0), ("int8", 16), ("int4", 16), ("int4", 32)])
 @pytest.mark.parametrize("tokens", [1, 7])  # one token (most experts empty); ragged
 def test_tvm_quantized_matches_reference(dtype, fmt, group, tokens):
-    from moecc.backends.tvm import moe_layer
-
     torch.manual_seed(tokens)
     _, qspec, qw, _ = quantized_layer(RouterSpec(8, 2), fmt, group, dtype=dtype)
-    x = layer_factory.tie_free_hidden(qspec, qw, tokens, dtype)
-    out = moe_layer(x, qw, qspec, CFG)
-    assert out.dtype == dtype and out.shape == x.shape
-    ref = reference.moe_layer(x.float(), qw, qspec)  # fp32 math on the same inputs: the kernel's math
-    check_close(out.float() if dtype == torch.float32 else out, ref.to(dtype), dtype)
+    layer_factory.check_tvm_against_reference(qspec, qw, tokens, dtype, CFG)
 
 
 @pytest.mark.tvm
@@ -186,8 +180,6 @@ def test_tvm_int8_activation_kernels_match_reference(dtype, fmt, group, k, n, to
     """The integer dot products equal the reference's fake-quantised fp32 math: the kernel
     and the reference quantise the same rows the same way (exact integers), so only the
     fp32 summation order differs."""
-    from moecc.backends.tvm import moe_layer
-
     _needs_vnni()
     torch.manual_seed(tokens)
     spec, w = layer_factory.make_layer(RouterSpec(8, 2), k=k, n=n, dtype=dtype,
@@ -195,11 +187,8 @@ def test_tvm_int8_activation_kernels_match_reference(dtype, fmt, group, k, n, to
     gu, dn = quantize_rows(w.gate_up, fmt, group), quantize_rows(w.down, fmt, group)
     qspec = spec.replace(experts={"weight_format": fmt, "group_size": group, "activations": "int8"})
     qw = w._replace(gate_up=gu.packed, down=dn.packed, gate_up_scale=gu.scales, down_scale=dn.scales)
-    x = layer_factory.tie_free_hidden(qspec, qw, tokens, dtype)
-    out = moe_layer(x, qw, qspec, {"block_m": 2, "tile_n": 2, "tile_k": 2, "vec": 16, "red_tile": 32})
-    assert out.dtype == dtype and out.shape == x.shape
-    ref = reference.moe_layer(x.float(), qw, qspec)
-    check_close(out.float() if dtype == torch.float32 else out, ref.to(dtype), dtype)
+    x, ref = layer_factory.check_tvm_against_reference(
+        qspec, qw, tokens, dtype, {"block_m": 2, "tile_n": 2, "tile_k": 2, "vec": 16, "red_tile": 32})
     # The quantisation is visible: the weight-only result differs by more than the tolerance.
     weight_only = reference.moe_layer(x.float(), qw, qspec.replace(experts={"activations": "float"}))
     assert (weight_only - ref).abs().max() > 1e-4
