@@ -108,11 +108,13 @@ def moecc_step_worker(cfg: DecodeBenchConfig) -> dict:
     forward (backend="moecc") + argmax per token."""
     from transformers import StaticCache
 
+    from moecc.onnx_export.decoder import cache_argument
+
     out = {}
     for batch in cfg.batches:
         model, ids = _model_and_prompt(cfg, batch)
         torch._dynamo.reset()
-        arg = "cache" if "cache" in __import__("inspect").signature(model.forward).parameters else "past_key_values"
+        arg = cache_argument(model)
         step = torch.compile(model.forward, backend="moecc", fullgraph=True, dynamic=False)
 
         def greedy(clock: list):

@@ -40,6 +40,12 @@ import torch
 from moecc.onnx_export.export import ExportReport, export_onnx
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name of `model.forward`'s cache argument (and its output field): transformers 5.x
+    renamed past_key_values to cache (the old name warns until 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class DecoderWithPast(torch.nn.Module):
     """model(input_ids, attention_mask, past) -> (logits, *presents), the cache as a flat tuple of
     tensors (past_0_key, past_0_value, past_1_key, ...). The module the decoder file is exported
@@ -48,9 +54,7 @@ class DecoderWithPast(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
-        # transformers 5.x renamed the cache argument and output field from past_key_values to
-        # cache (the old name warns until 5.40); take whichever this version's model has.
-        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_arg = cache_argument(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: tuple[torch.Tensor, ...]):
         from transformers import DynamicCache
@@ -81,7 +85,7 @@ def example_step(model: torch.nn.Module, batch: int = 2, past_len: int = 5, new_
     device = next(model.parameters()).device
     prefix = torch.randint(1, vocab, (batch, past_len), generator=gen).to(device)
     ids = torch.randint(1, vocab, (batch, new_len), generator=gen).to(device)
-    arg = DecoderWithPast(model).cache_arg
+    arg = cache_argument(model)
     with torch.no_grad():
         cache = getattr(model(input_ids=prefix, use_cache=True, **{arg: DynamicCache(config=model.config)}), arg)
     past = tuple(t.clone() for layer in cache.layers for t in (layer.keys, layer.values))
