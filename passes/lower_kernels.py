@@ -9,8 +9,10 @@ Guarantees: every layer node calls an op that runs on the graph's device, or com
          stops here with an error that says which option to change. A layer using a
          variant only the reference implements (moecc.spec.kernel_unsupported) stays on
          the reference op, with a note saying which variant. Quantised expert stacks
-         (precision_lowering) run on the TVM llvm kernels; the Triton and TVM cuda
-         kernels do not read them yet, so such layers stay on the reference op (noted).
+         (precision_lowering) run on the TVM llvm kernels and, weight-only with scale
+         groups of a multiple of 16 values, on the Triton kernels
+         (backends/triton/weight_formats.py); the TVM cuda kernels do not read them
+         yet, so such layers stay on the reference op (noted).
 Counters: triton, tvm, reference (layers bound to each).
 """
 
@@ -77,8 +79,11 @@ def run(ctx: PassContext) -> PassResult:
             notes.append(f"{spec.source}: the {chosen} kernels lack {', '.join(kernel_unsupported(spec, chosen))}; "
                          "kept on the reference kernels")
             chosen = "reference"
-        elif chosen != "reference" and spec.experts.weight_format != "dense" \
-                and (chosen == "triton" or ctx.device.type != "cpu"):
+        elif chosen == "triton" and _triton_unfit(spec):
+            notes.append(f"{spec.source}: the triton kernels cannot run it: {_triton_unfit(spec)}; "
+                         "kept on the reference kernels")
+            chosen = "reference"
+        elif chosen == "tvm" and spec.experts.weight_format != "dense" and ctx.device.type != "cpu":
             notes.append(f"{spec.source}: the {chosen} kernels do not read {spec.experts.weight_format} "
                          "weights yet; kept on the reference kernels")
             chosen = "reference"
@@ -89,6 +94,13 @@ def run(ctx: PassContext) -> PassResult:
         node.target = op_for_backend(chosen)
         counters[chosen] += 1
     return PassResult(NAME, counters, notes)
+
+
+def _triton_unfit(spec: MoELayerSpec) -> str:
+    """Why the Triton kernels cannot run this layer's weights ('' when they can)."""
+    from moecc.backends.triton.weight_formats import unfit_reason
+
+    return unfit_reason(spec.experts)
 
 
 def _int8_activations_unfit(spec: MoELayerSpec) -> str:

@@ -8,6 +8,11 @@ depends on the KernelConfig) for the profile's arch and compares `metadata.share
 `profile.max_shared_memory_per_block` (moecc.devices is the one source of that limit).
 The tuning database uses it to prune candidate configurations per device.
 
+Quantised expert stacks (int8 / int4 / fp8 weight-only, `weight_format` and
+`group_size` as in ExpertSpec) compile the same two kernels with uint8 weight pointers
+and fp32 scale pointers; `SHIPPED_WEIGHT_FORMATS` lists the formats whose heuristic
+configurations CI compiles for every arch (tests/backends/test_triton_aot.py).
+
 The kernels are compiled as `@triton.jit` would compile them at a launch: the constexprs
 come from the same helpers the launch wrappers use, pointers carry the 16-byte
 divisibility hint (torch allocations are aligned), integer arguments equal to 1 become
@@ -34,6 +39,13 @@ from moecc.devices import DeviceProfile
 
 DTYPE_TRITON = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 CONFIG_KERNELS = ("gate_up_act_kernel", "down_proj_kernel")
+
+
+# (weight_format, group_size) of the formats moecc.precision ships defaults for: int8 per
+# row (Int8WeightOnly), int4 groups 32 / 64 / 128 (Int4WeightOnly, default 128), fp8
+# 128 x 128 blocks (Fp8BlockScaled); the group sizes are the ones that divide every
+# reference shape's K and N.
+SHIPPED_WEIGHT_FORMATS = (("int8", 0), ("int8", 128), ("int4", 32), ("int4", 64), ("int4", 128), ("fp8", 128))
 
 
 class FitResult(NamedTuple):
@@ -71,9 +83,23 @@ def _jit_like(fn, values: dict, pointer_types: dict, constexprs: dict):
     return signature, consts, attrs
 
 
+def _scale_strides(fmt: str, group: int, rows: int, cols: int) -> tuple:
+    """(expert stride, row stride) of the contiguous scales of a [rows, cols] stack (0, 0 dense)."""
+    if fmt == "dense":
+        return 0, 0
+    if fmt == "fp8":
+        grid_rows, grid_cols = -(-rows // group), -(-cols // group)
+    else:
+        grid_rows, grid_cols = rows, cols // (group or cols)
+    return grid_rows * grid_cols, grid_cols
+
+
 def _kernel_builds(config: KernelConfig, shape: tuple, dtype: str, activation: str, has_bias: bool,
-                   num_shared: int) -> list:
-    """[(kernel name, fn, values, pointer types, constexprs)] for the two grouped GEMMs."""
+                   num_shared: int, weight_format: str = "dense", group_size: int = 0) -> list:
+    """[(kernel name, fn, values, pointer types, constexprs)] for the two grouped GEMMs.
+
+    dtype: the compute dtype (quantised stacks: the hidden states' dtype; their weights are
+    uint8 bytes, fp8 included, with fp32 scales: weight_formats.py)."""
     import torch
 
     from moecc.backends.triton import grouped_gemm as gg
@@ -82,24 +108,29 @@ def _kernel_builds(config: KernelConfig, shape: tuple, dtype: str, activation: s
     e, n, k, top_k = shape
     stack, slots_per_token = e + num_shared, top_k + num_shared
     experts = ExpertSpec(hidden_size=k, intermediate_size=n, activation=activation, has_bias=has_bias,
-                         num_shared=num_shared, shared_fused=num_shared > 0)
+                         num_shared=num_shared, shared_fused=num_shared > 0, weight_format=weight_format,
+                         group_size=group_size)
     tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     t = DTYPE_TRITON[dtype]
+    pack = 2 if weight_format == "int4" else 1
+    w_type, s_type = (t, t) if weight_format == "dense" else ("u8", "fp32")
+    se1, sr1 = _scale_strides(weight_format, group_size, 2 * n, k)
+    se2, sr2 = _scale_strides(weight_format, group_size, k, n)
     num_slots = 7 * slots_per_token + 1  # a token count that is not specialised
     max_blocks = num_slots + stack
     ints = {"num_slots": num_slots, "num_pid_m": max_blocks}
-    gemm1 = dict(ints, N=n, K=k, alpha=1.702, limit=7.0, stride_xt=k, stride_we=2 * n * k, stride_wn=k,
-                 stride_be=2 * n if has_bias else 0, stride_at=n)
-    gemm2 = dict(ints, N=n, K=k, stride_at=n, stride_we=k * n, stride_wk=n, stride_be=k if has_bias else 0,
-                 stride_ys=num_slots * k, stride_yt=k)
+    gemm1 = dict(ints, N=n, K=k, alpha=1.702, limit=7.0, stride_xt=k, stride_we=2 * n * k // pack,
+                 stride_wn=k // pack, stride_se=se1, stride_sr=sr1, stride_be=2 * n if has_bias else 0, stride_at=n)
+    gemm2 = dict(ints, N=n, K=k, stride_at=n, stride_we=k * n // pack, stride_wk=n // pack, stride_se=se2,
+                 stride_sr=sr2, stride_be=k if has_bias else 0, stride_ys=num_slots * k, stride_yt=k)
     y_type = "fp32" if config.split_k > 1 else t
     idx = {"sorted_ptr": "i32", "block_expert_ptr": "i32", "num_padded_ptr": "i32"}
     return [
         ("gate_up_act_kernel", gg.gate_up_act_kernel, gemm1,
-         dict(idx, x_ptr=t, w_ptr=t, bias_ptr=t, act_ptr=t),
+         dict(idx, x_ptr=t, w_ptr=w_type, scale_ptr=s_type, bias_ptr=t, act_ptr=t),
          gg.gate_up_constexprs(config, experts, slots_per_token, tdtype)),
         ("down_proj_kernel", gg.down_proj_kernel, gemm2,
-         dict(idx, act_ptr=t, w_ptr=t, bias_ptr=t, y_ptr=y_type),
+         dict(idx, act_ptr=t, w_ptr=w_type, scale_ptr=s_type, bias_ptr=t, y_ptr=y_type),
          gg.down_constexprs(config, experts, tdtype)),
     ]
 
@@ -169,14 +200,29 @@ def _interpreted() -> bool:
 
 
 def compile_gemm_kernels(config: KernelConfig, shape: tuple, dtype, arch: int, *, activation: str = "silu",
-                         has_bias: bool = False, num_shared: int = 0) -> dict:
+                         has_bias: bool = False, num_shared: int = 0, weight_format: str = "dense",
+                         group_size: int = 0) -> dict:
     """Compile both grouped GEMMs for sm_<arch> -> {kernel name: shared memory bytes}.
 
-    shape = (E, N, K, top_k). Raises whatever Triton raises when a config cannot be built.
+    shape = (E, N, K, top_k); weight_format / group_size as ExpertSpec's (quantised: dtype
+    is the compute dtype). Raises whatever Triton raises when a config cannot be built, and
+    ValueError when config.block_k crosses the format's scale groups.
     """
+    _check_format(config, shape, weight_format, group_size)
     request = ["gemm", config.to_dict(), [int(v) for v in shape], _dtype_name(dtype), int(arch), activation,
-               bool(has_bias), int(num_shared)]
+               bool(has_bias), int(num_shared), weight_format, int(group_size)]
     return dict(_run_request(json.dumps(request)))
+
+
+def _check_format(config: KernelConfig, shape: tuple, weight_format: str, group_size: int) -> None:
+    from moecc.backends.triton.weight_formats import block_k_reason
+    from moecc.spec import ExpertSpec
+
+    _, n, k, _ = shape
+    experts = ExpertSpec(hidden_size=k, intermediate_size=n, weight_format=weight_format, group_size=group_size)
+    why = block_k_reason(config.block_k, experts)
+    if why:
+        raise ValueError(f"{config}: {why}")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -197,9 +243,10 @@ def _run_request(request: str) -> tuple:
 def _execute(request: list) -> dict:
     kind, *args = request
     if kind == "gemm":
-        cfg, shape, dtype, arch, activation, has_bias, num_shared = args
+        cfg, shape, dtype, arch, activation, has_bias, num_shared, weight_format, group_size = args
         config = KernelConfig.from_dict(cfg)
-        builds = _kernel_builds(config, tuple(shape), dtype, activation, has_bias, num_shared)
+        builds = _kernel_builds(config, tuple(shape), dtype, activation, has_bias, num_shared, weight_format,
+                                group_size)
         return _compile_builds(builds, arch, config.num_warps, config.num_stages)
     if kind == "support":
         from moecc.spec import RouterSpec
@@ -211,12 +258,15 @@ def _execute(request: list) -> dict:
 
 
 def check_config_fits(config: KernelConfig, shape: tuple, dtype, profile: DeviceProfile, *,
-                      activation: str = "silu", has_bias: bool = False, num_shared: int = 0) -> FitResult:
-    """Whether `config` builds for `profile`'s arch within its shared memory per block."""
+                      activation: str = "silu", has_bias: bool = False, num_shared: int = 0,
+                      weight_format: str = "dense", group_size: int = 0) -> FitResult:
+    """Whether `config` builds for `profile`'s arch within its shared memory per block
+    (for a quantised format: and keeps each BLOCK_K step inside one scale group)."""
     limit = profile.max_shared_memory_per_block
     try:
         shared = compile_gemm_kernels(config, shape, dtype, profile.arch, activation=activation,
-                                      has_bias=has_bias, num_shared=num_shared)
+                                      has_bias=has_bias, num_shared=num_shared, weight_format=weight_format,
+                                      group_size=group_size)
     except Exception as exc:  # noqa: BLE001 - a config that does not build does not fit
         return FitResult(False, 0, f"does not compile for sm_{profile.arch}: {type(exc).__name__}: {exc}")
     worst = max(shared, key=shared.get)
@@ -227,18 +277,27 @@ def check_config_fits(config: KernelConfig, shape: tuple, dtype, profile: Device
     return FitResult(True, used, f"max shared memory {used} B ({worst}) within {limit} B on {profile.name}")
 
 
-def shipped_configs(profile: Optional[DeviceProfile] = None, dtypes=("bf16", "fp16")) -> list:
+def shipped_configs(profile: Optional[DeviceProfile] = None, dtypes=("bf16", "fp16"), weight_format: str = "dense",
+                    group_size: int = 0) -> list:
     """[(shape, dtype, num_tokens, config)]: the heuristic configs for the reference shapes
-    and token counts (moecc.shapes) on `profile`; what runs when no tuning table exists."""
+    and token counts (moecc.shapes) on `profile`; what runs when no tuning table exists
+    (quantised formats: always, BLOCK_K limited to the scale group as moe.resolve_config does)."""
     from moecc.backends.triton.heuristics import heuristic_config
+    from moecc.backends.triton.weight_formats import NO_LIMIT, max_block_k
     from moecc.shapes import REFERENCE_SHAPES, REFERENCE_TOKEN_COUNTS
+    from moecc.spec import ExpertSpec
 
     out = []
     for s in REFERENCE_SHAPES:
         shape = (s.num_experts, s.intermediate_size, s.hidden_size, s.top_k)
+        experts = ExpertSpec(hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+                             weight_format=weight_format, group_size=group_size)
+        limit = max_block_k(experts)
         for dtype in dtypes:
             for t in REFERENCE_TOKEN_COUNTS:
-                out.append((shape, dtype, t, heuristic_config(*shape, t, dtype, profile)))
+                config = heuristic_config(*shape, t, dtype, profile,
+                                          max_block_k=None if limit == NO_LIMIT else limit)
+                out.append((shape, dtype, t, config))
     return out
 
 

@@ -19,7 +19,9 @@ afterwards in a fixed order by `combine.py` (deterministic; see docs/kernels.md)
 
 Legend: T = tokens, K = hidden, N = intermediate, E' = experts (routed + shared),
 k' = slots per token, BM/BN/BK = BLOCK_M/N/K. Weight tiles go through
-`weight_load.load_weight_tile` (the quantisation hook).
+`weight_load.load_weight_tile`, which dequantises int8 / int4 / fp8 stacks (weight-only:
+the activations and tl.dot stay in the compute dtype, fp32 / fp16 / bf16); the
+quantised layouts and the BLOCK_K rule are in weight_formats.py.
 Assumes the canonical layout (ExpertSpec.canonical) with the last dimension contiguous.
 """
 
@@ -33,7 +35,8 @@ import triton.language as tl
 
 from moecc.backends.triton.align import AlignedSlots
 from moecc.backends.triton.config import KernelConfig
-from moecc.backends.triton.weight_load import WEIGHT_FORMATS, load_weight_tile
+from moecc.backends.triton.weight_formats import format_params
+from moecc.backends.triton.weight_load import load_weight_tile, scale_column
 from moecc.spec import ExpertSpec
 
 ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2}
@@ -75,7 +78,8 @@ def _dot(a, b, acc, FP32_IEEE: tl.constexpr):
 @triton.jit
 def gate_up_act_kernel(
     x_ptr,  # [T, K] hidden states
-    w_ptr,  # [E', 2N, K] gate rows [0, N), up rows [N, 2N)
+    w_ptr,  # [E', 2N, K/PACK] gate rows [0, N), up rows [N, 2N)
+    scale_ptr,  # quantised: fp32 [E', 2N/SCALE_ROWS, K/GROUP_K] (weight_formats.py); dense: unused
     bias_ptr,  # [E', 2N] fp32-castable, read when HAS_BIAS
     act_ptr,  # [T*k', N] out, row = slot
     sorted_ptr,  # [max_blocks*BM] int32 aligned slot ids
@@ -90,12 +94,17 @@ def gate_up_act_kernel(
     stride_xt,
     stride_we,
     stride_wn,
+    stride_se,
+    stride_sr,
     stride_be,
     stride_at,
     SLOTS_PER_TOKEN: tl.constexpr,
     ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WEIGHT_FORMAT: tl.constexpr,
+    PACK: tl.constexpr,
+    GROUP_K: tl.constexpr,
+    SCALE_ROWS: tl.constexpr,
     FP32_IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -115,21 +124,25 @@ def gate_up_act_kernel(
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
 
     a_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :]  # [BM, BK]
-    g_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN]
+    g_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] // PACK  # [BK, BN]
     u_ptrs = g_ptrs + N * stride_wn  # [BK, BN] up rows
+    # Scale rows of the gate and up columns ([1, BN]; fp8: one per SCALE_ROWS weight rows).
+    gs_ptrs = scale_ptr + expert * stride_se + (offs_n // SCALE_ROWS)[None, :].to(tl.int64) * stride_sr
+    us_ptrs = scale_ptr + expert * stride_se + ((offs_n + N) // SCALE_ROWS)[None, :].to(tl.int64) * stride_sr
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # [BM, BN]
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # [BM, BN]
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - kk * BLOCK_K  # [BK]
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
         w_mask = k_mask[:, None] & n_mask[None, :]  # [BK, BN]
-        g = load_weight_tile(g_ptrs, w_mask, WEIGHT_FORMAT)  # [BK, BN]
-        u = load_weight_tile(u_ptrs, w_mask, WEIGHT_FORMAT)  # [BK, BN]
-        acc_g = _dot(a, g, acc_g, FP32_IEEE)
-        acc_u = _dot(a, u, acc_u, FP32_IEEE)
+        s_col = scale_column(kk * BLOCK_K, GROUP_K)  # this step's scale group
+        g = load_weight_tile(g_ptrs, w_mask, gs_ptrs + s_col, n_mask[None, :], WEIGHT_FORMAT, BLOCK_K)  # [BK, BN]
+        u = load_weight_tile(u_ptrs, w_mask, us_ptrs + s_col, n_mask[None, :], WEIGHT_FORMAT, BLOCK_K)  # [BK, BN]
+        acc_g = _dot(a, g.to(a.dtype), acc_g, FP32_IEEE)
+        acc_u = _dot(a, u.to(a.dtype), acc_u, FP32_IEEE)
         a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K // PACK
+        u_ptrs += BLOCK_K // PACK
 
     if HAS_BIAS:
         b_ptrs = bias_ptr + expert * stride_be + offs_n  # [BN]
@@ -143,7 +156,8 @@ def gate_up_act_kernel(
 @triton.jit
 def down_proj_kernel(
     act_ptr,  # [T*k', N] activated intermediate, row = slot
-    w_ptr,  # [E', K, N]
+    w_ptr,  # [E', K, N/PACK]
+    scale_ptr,  # quantised: fp32 [E', K/SCALE_ROWS, N/GROUP_K] (weight_formats.py); dense: unused
     bias_ptr,  # [E', K], read when HAS_BIAS
     y_ptr,  # [SPLIT_K, T*k', K] out (fp32 when SPLIT_K > 1, else activation dtype)
     sorted_ptr,  # [max_blocks*BM] int32
@@ -156,11 +170,16 @@ def down_proj_kernel(
     stride_at,
     stride_we,
     stride_wk,
+    stride_se,
+    stride_sr,
     stride_be,
     stride_ys,
     stride_yt,
     HAS_BIAS: tl.constexpr,
     WEIGHT_FORMAT: tl.constexpr,
+    PACK: tl.constexpr,
+    GROUP_K: tl.constexpr,
+    SCALE_ROWS: tl.constexpr,
     FP32_IEEE: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -183,15 +202,20 @@ def down_proj_kernel(
     offs_r = r0 + tl.arange(0, BLOCK_K)  # [BK]
 
     a_ptrs = act_ptr + slots[:, None].to(tl.int64) * stride_at + offs_r[None, :]  # [BM, BK]
-    w_ptrs = w_ptr + expert * stride_we + offs_h[None, :].to(tl.int64) * stride_wk + offs_r[:, None]  # [BK, BN]
+    w_ptrs = w_ptr + expert * stride_we + offs_h[None, :].to(tl.int64) * stride_wk + offs_r[:, None] // PACK  # [BK, BN]
+    s_ptrs = scale_ptr + expert * stride_se + (offs_h // SCALE_ROWS)[None, :].to(tl.int64) * stride_sr  # [1, BN]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # [BM, BN]
     for step in range(0, steps):
         r_mask = offs_r < N - step * BLOCK_K  # [BK]
         a = tl.load(a_ptrs, mask=row_mask[:, None] & r_mask[None, :], other=0.0)  # [BM, BK]
-        w = load_weight_tile(w_ptrs, r_mask[:, None] & h_mask[None, :], WEIGHT_FORMAT)  # [BK, BN]
-        acc = _dot(a, w, acc, FP32_IEEE)
+        # This step's scale group; a split's tail steps past N are fully masked (zeros),
+        # so clamping keeps their scale load in bounds without changing the result.
+        s_col = scale_column(tl.minimum(r0 + step * BLOCK_K, N - 1), GROUP_K)
+        w = load_weight_tile(w_ptrs, r_mask[:, None] & h_mask[None, :], s_ptrs + s_col, h_mask[None, :],
+                             WEIGHT_FORMAT, BLOCK_K)  # [BK, BN]
+        acc = _dot(a, w.to(a.dtype), acc, FP32_IEEE)
         a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K // PACK
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + expert * stride_be + offs_h, mask=h_mask, other=0.0).to(tl.float32)  # [BN]
@@ -200,13 +224,18 @@ def down_proj_kernel(
     tl.store(out_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & h_mask[None, :])
 
 
+def _format_constexprs(experts: ExpertSpec) -> dict:
+    fmt = format_params(experts)
+    return dict(WEIGHT_FORMAT=fmt.code, PACK=fmt.pack, GROUP_K=fmt.group_k, SCALE_ROWS=fmt.scale_rows)
+
+
 def gate_up_constexprs(config: KernelConfig, experts: ExpertSpec, slots_per_token: int, dtype: torch.dtype) -> dict:
-    """Compile-time parameters of `gate_up_act_kernel` (shared with aot.py)."""
+    """Compile-time parameters of `gate_up_act_kernel` (shared with aot.py); dtype: the compute dtype."""
     return dict(
         SLOTS_PER_TOKEN=slots_per_token,
         ACTIVATION=ACTIVATION_CODES[experts.activation],
         HAS_BIAS=experts.has_bias,
-        WEIGHT_FORMAT=WEIGHT_FORMATS["dense"],
+        **_format_constexprs(experts),
         FP32_IEEE=dtype == torch.float32,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
@@ -216,10 +245,10 @@ def gate_up_constexprs(config: KernelConfig, experts: ExpertSpec, slots_per_toke
 
 
 def down_constexprs(config: KernelConfig, experts: ExpertSpec, dtype: torch.dtype) -> dict:
-    """Compile-time parameters of `down_proj_kernel` (shared with aot.py)."""
+    """Compile-time parameters of `down_proj_kernel` (shared with aot.py); dtype: the compute dtype."""
     return dict(
         HAS_BIAS=experts.has_bias,
-        WEIGHT_FORMAT=WEIGHT_FORMATS["dense"],
+        **_format_constexprs(experts),
         FP32_IEEE=dtype == torch.float32,
         SPLIT_K=config.split_k,
         BLOCK_M=config.block_m,
@@ -229,26 +258,41 @@ def down_constexprs(config: KernelConfig, experts: ExpertSpec, dtype: torch.dtyp
     )
 
 
+def _as_stored(weight: torch.Tensor) -> torch.Tensor:
+    """fp8 stacks as their bytes: the weight load decodes e4m3fn itself (weight_load.py)."""
+    return weight.view(torch.uint8) if weight.dtype == torch.float8_e4m3fn else weight
+
+
+def _scale_args(weight: torch.Tensor, scales: Optional[torch.Tensor]) -> tuple:
+    """(pointer, expert stride, row stride) of a stack's scales; the weight as a dummy when dense."""
+    if scales is None:
+        return weight, 0, 0
+    return scales, scales.stride(0), scales.stride(1)
+
+
 def gate_up_act(
-    x: torch.Tensor,  # [T, K]
-    gate_up: torch.Tensor,  # [E', 2N, K]
+    x: torch.Tensor,  # [T, K] in the compute dtype
+    gate_up: torch.Tensor,  # [E', 2N, K] (quantised: packed, weight_formats.py)
     gate_up_bias: Optional[torch.Tensor],  # [E', 2N]
     aligned: AlignedSlots,
     slots_per_token: int,
     experts: ExpertSpec,
     config: KernelConfig,
+    gate_up_scale: Optional[torch.Tensor] = None,  # fp32 scales of a quantised stack
 ) -> torch.Tensor:
-    """GEMM1 with the activation epilogue -> act [T*k', N] in gate_up's dtype, row = slot."""
+    """GEMM1 with the activation epilogue -> act [T*k', N] in x's dtype, row = slot."""
     n, k = experts.intermediate_size, experts.hidden_size
-    act = torch.empty(aligned.num_slots, n, dtype=gate_up.dtype, device=x.device)  # [T*k', N]
+    act = torch.empty(aligned.num_slots, n, dtype=x.dtype, device=x.device)  # [T*k', N]
     bias = gate_up_bias if gate_up_bias is not None else gate_up  # dummy pointer when absent
+    scale, stride_se, stride_sr = _scale_args(gate_up, gate_up_scale)
+    gate_up = _as_stored(gate_up)
     grid = (aligned.max_blocks * triton.cdiv(n, config.block_n),)
     gate_up_act_kernel[grid](
-        x, gate_up, bias, act, aligned.sorted_slot_ids, aligned.block_expert_ids, aligned.num_padded,
+        x, gate_up, scale, bias, act, aligned.sorted_slot_ids, aligned.block_expert_ids, aligned.num_padded,
         n, k, aligned.num_slots, aligned.max_blocks, float(experts.swiglu_alpha), float(experts.swiglu_limit),
-        x.stride(0), gate_up.stride(0), gate_up.stride(1),
+        x.stride(0), gate_up.stride(0), gate_up.stride(1), stride_se, stride_sr,
         bias.stride(0) if gate_up_bias is not None else 0, act.stride(0),
-        **gate_up_constexprs(config, experts, slots_per_token, gate_up.dtype),
+        **gate_up_constexprs(config, experts, slots_per_token, x.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return act
@@ -256,22 +300,25 @@ def gate_up_act(
 
 def down_proj(
     act: torch.Tensor,  # [T*k', N]
-    down: torch.Tensor,  # [E', K, N]
+    down: torch.Tensor,  # [E', K, N] (quantised: packed, weight_formats.py)
     down_bias: Optional[torch.Tensor],  # [E', K]
     aligned: AlignedSlots,
     experts: ExpertSpec,
     config: KernelConfig,
+    down_scale: Optional[torch.Tensor] = None,  # fp32 scales of a quantised stack
 ) -> torch.Tensor:
     """GEMM2 -> y [split_k, T*k', K]: fp32 partial sums when split_k > 1, else act's dtype."""
     n, k = experts.intermediate_size, experts.hidden_size
     out_dtype = torch.float32 if config.split_k > 1 else act.dtype
     y = torch.empty(config.split_k, aligned.num_slots, k, dtype=out_dtype, device=act.device)  # [P, T*k', K]
     bias = down_bias if down_bias is not None else down
+    scale, stride_se, stride_sr = _scale_args(down, down_scale)
+    down = _as_stored(down)
     grid = (aligned.max_blocks * triton.cdiv(k, config.block_n), config.split_k)
     down_proj_kernel[grid](
-        act, down, bias, y, aligned.sorted_slot_ids, aligned.block_expert_ids, aligned.num_padded,
+        act, down, scale, bias, y, aligned.sorted_slot_ids, aligned.block_expert_ids, aligned.num_padded,
         n, k, aligned.num_slots, aligned.max_blocks,
-        act.stride(0), down.stride(0), down.stride(1),
+        act.stride(0), down.stride(0), down.stride(1), stride_se, stride_sr,
         bias.stride(0) if down_bias is not None else 0, y.stride(0), y.stride(1),
         **down_constexprs(config, experts, act.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,

@@ -23,6 +23,10 @@ Both:    the deepest pipeline (num_stages 2..4) whose first-GEMM tiles,
          num_stages - 1 tile sets in shared memory, so this leaves one set of headroom
          for its epilogue layout conversions (and agrees with moecc.tuning's analytic
          pruning). If even two stages do not fit, BLOCK_N and then BLOCK_M are halved.
+Quantised weights (weight_formats.py): BLOCK_K is capped at `max_block_k`, the largest
+tile that stays inside one scale group (a 32-value int4 group: 32); the shared-memory
+estimate keeps the compute dtype's size for the weight tiles (an upper bound: packed
+tiles are smaller), and aot.py checks the compiled kernels' real use.
 These are starting points, not measured optima; `moecc autotune` replaces them.
 """
 
@@ -73,10 +77,16 @@ def heuristic_config(
     num_tokens: int,  # T
     dtype: str,  # "fp32" | "fp16" | "bf16"
     profile: Optional[DeviceProfile] = None,
+    *,
+    max_block_k: Optional[int] = None,  # quantised weights: the largest BLOCK_K inside one scale group
 ) -> KernelConfig:
     """A reasonable KernelConfig for this shape and token count (rules in the module docstring)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"no heuristic for dtype {dtype!r}; known: {sorted(DTYPE_BYTES)}")
+    if max_block_k is not None and (max_block_k < 16 or max_block_k & (max_block_k - 1)):
+        raise ValueError(f"max_block_k={max_block_k} must be a power of two >= 16 (the scale group's limit; "
+                         "groups of fewer than 16 values cannot run on the Triton kernels)")
+    cap = max_block_k or 1 << 30
     elem = DTYPE_BYTES[dtype]
     sms = profile.num_sms if profile else DEFAULT_NUM_SMS
     limit = profile.max_shared_memory_per_block if profile else DEFAULT_SHARED_LIMIT
@@ -85,7 +95,7 @@ def heuristic_config(
 
     if strategy == "decode":
         bm, bk = 16, (64 if elem == 4 else 128)
-        bk = min(bk, max(16, _pow2_at_least(min(intermediate, hidden))))
+        bk = min(bk, max(16, _pow2_at_least(min(intermediate, hidden))), cap)
         bn = 64 if u * -(-intermediate // 64) >= sms else 32
         programs = u * -(-hidden // bn)
         max_split = max(1, -(-intermediate // bk) // 2)
@@ -99,7 +109,7 @@ def heuristic_config(
     per_expert = max(num_tokens, 1) * top_k / u
     bm = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64 if per_expert <= 128 else 128
     bn = 128 if bm >= 64 else 64
-    bk = 32 if elem == 4 else 64
+    bk = min(32 if elem == 4 else 64, cap)
     while _stages(bm, bn, bk, elem, limit) == 0 and max(bm, bn) > 16:
         if bn >= bm:
             bn //= 2

@@ -1,19 +1,22 @@
 """The one place expert-weight tiles are loaded: where quantised formats plug in.
 
-Every expert GEMM reads its weight tile through `load_weight_tile`. Today only
-WEIGHT_FORMAT == 0 ("dense": the tile is stored in the compute dtype) exists. A quantised
-format adds a branch here, selected by the constexpr, that loads the packed tile plus its
-scales and returns the dequantised tile in the activation dtype:
+Every expert GEMM reads its weight tile through `load_weight_tile`, which returns the
+tile as fp32-exact values (dense: the stored dtype) with zeros outside `mask`; the GEMM
+casts it to the activation dtype for tl.dot. Formats (layouts: weight_formats.py, the
+semantics: backends/reference/quantized.py):
 
-    fp8 e4m3 with 128x128 block scales (DeepSeek-V3): load fp8, multiply by the scale of
-        the (n // 128, k // 128) block, cast; on sm_89+ one would instead keep fp8 for
-        tl.dot and apply the scales to the accumulator (w8a8).
-    int8 per-channel / int4 group-wise: load packed bytes, unpack nibbles, subtract the
-        zero point, multiply by the group scale.
+    0 dense  the tile as stored.
+    1 int8   (byte - 128) * scale                     (fp32, then the caller's cast:
+    2 int4   (nibble - 8) * scale, low nibble first     exactly the reference's
+    3 fp8    e4m3fn decoded by bits * scale             dequantise-then-cast)
 
-The GEMM kernels pass the scale pointer and strides through unchanged, so a new format
-touches this module, the launch wrappers (extra pointers) and `WEIGHT_FORMATS`, not the
-GEMM loop structure.
+The scale is one fp32 per output column for the whole BLOCK_K step (`scale_ptrs`
+[1, BN]), which is why BLOCK_K must not cross a scale group (weight_formats.py checks
+it on the host). fp8 is decoded by moving its sign, exponent and mantissa bits into an
+fp16 and multiplying by 2^8 (the exponent-bias difference 15 - 7): exact for every
+finite e4m3fn value including subnormals, on every arch (no fp8 instructions needed:
+this is w8a16 on sm_86 as on sm_90) and under the interpreter, whose fp8 casts are wrong.
+Quantised values are finite (the reference never produces e4m3fn NaN bytes).
 """
 
 from __future__ import annotations
@@ -21,15 +24,48 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-WEIGHT_FORMATS = {"dense": 0}
+from moecc.backends.triton.weight_formats import WEIGHT_FORMATS  # noqa: F401  (re-exported)
+
+
+@triton.jit
+def scale_column(k0, GROUP_K: tl.constexpr):
+    """Index of the scale group holding reduction index k0 (GROUP_K 0: one group per row)."""
+    if GROUP_K == 0:
+        return 0
+    else:
+        return k0 // GROUP_K
+
+
+@triton.jit
+def _decode_fp8_e4m3fn(raw):
+    """uint8 e4m3fn bytes [BK, BN] -> fp32 values (exact; NaN bytes are not handled)."""
+    bits = raw.to(tl.int32)
+    half = ((bits & 0x80) << 8) | ((bits & 0x7F) << 7)  # sign, then exponent+mantissa under fp16's
+    return half.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
 
 
 @triton.jit
 def load_weight_tile(
-    ptrs,  # [BLOCK_K, BLOCK_N] pointers into the expert's weight matrix
-    mask,  # [BLOCK_K, BLOCK_N] in-bounds mask
+    ptrs,  # [BK, BN] pointers: the element (k, n), or for int4 the byte holding it (k // 2)
+    mask,  # [BK, BN] in-bounds mask
+    scale_ptrs,  # [1, BN] this step's scale per column (quantised formats only)
+    scale_mask,  # [1, BN]
     WEIGHT_FORMAT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """A weight tile in the compute dtype, zeros outside `mask`."""
-    tl.static_assert(WEIGHT_FORMAT == 0, "only dense weights are implemented")
-    return tl.load(ptrs, mask=mask, other=0.0)
+    """A weight tile [BK, BN], zeros outside `mask`: dense as stored, quantised in fp32."""
+    if WEIGHT_FORMAT == 0:
+        return tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        raw = tl.load(ptrs, mask=mask, other=0)  # [BK, BN] uint8
+        scale = tl.load(scale_ptrs, mask=scale_mask, other=0.0)  # [1, BN] fp32
+        if WEIGHT_FORMAT == 1:
+            values = (raw.to(tl.int32) - 128).to(tl.float32)
+        elif WEIGHT_FORMAT == 2:
+            # Row k of the tile holds column k0 + k; k0 is a multiple of BLOCK_K, so k's parity
+            # is the column's: even columns are the low nibble.
+            shift = ((tl.arange(0, BLOCK_K) % 2) * 4)[:, None]  # [BK, 1]
+            values = (((raw.to(tl.int32) >> shift) & 15) - 8).to(tl.float32)
+        else:
+            values = _decode_fp8_e4m3fn(raw)
+        return tl.where(mask, values * scale, 0.0)
