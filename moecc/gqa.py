@@ -37,7 +37,10 @@ CPU kernels, in order of preference ("auto"):
     across threads (flash-decoding) and combined here-after (with the sinks). Taken when
     TVM imports, G*S is 2, 4, 8 or 16, D and Dv are multiples of 16 (<= 256), the cache
     is contiguous and the mask is the same for every head ([B|1, 1, S|1, L]); for bf16 /
-    fp16 only from 8 MiB of live K/V per call (_TVM_AUTO_MIN_BYTES says why).
+    fp16 only from 8 MiB of live K/V per call (_TVM_AUTO_MIN_BYTES says why), 2 MiB where
+    bf16 runs on AMX tiles. bf16 query and cache multiply on AMX tiles
+    (kernels_llvm_attention_amx.py) or with `vdpbf16ps` (kernels_llvm_attention_bf16.py)
+    where the CPU has them, else widened to fp32 FMAs (attention.dot_kind picks).
   - "flash": torch's flash-attention CPU kernel (blocked online softmax, fp32
     accumulation, bf16/fp16 inputs read as they are) over the regrouped query and the cut
     cache views; its log-sum-exp gives the sink correction out * sigmoid(lse - sink).
@@ -66,9 +69,23 @@ KERNELS = ("auto", "tvm", "flash", "grouped")
 # streams from DRAM (8k-slot caches and up at Qwen3-30B-A3B widths): there it beat flash
 # (3.3-3.8 vs 4.2-4.7 ms, 8k, 1 thread), while from L2/L3 torch's flash kernel, which
 # computes with bf16 dot products, took 0.45-0.54 ms against 0.73 (2k, docs/kv_cache.md);
-# the TVM kernel widens to fp32 FMAs (TVM legalises bf16 vectors to fp32, so `vdpbf16ps`
-# could not be emitted).
+# the TVM kernel's widening form (fp32 FMAs). Its `vdpbf16ps` form measured about level
+# with the widening one (the FMAs were not the bottleneck), so the same threshold applies.
 _TVM_AUTO_MIN_BYTES = {torch.float32: 0, torch.bfloat16: 8 << 20, torch.float16: 8 << 20}
+# bf16 on the AMX kernel (kernels_llvm_attention_amx.py, CPUs with AMX-BF16): level with
+# flash at 2 MiB of live K/V (1k slots, one thread, cache in L2/L3: 0.32 ms both) and
+# faster above (4k slots: 0.73 vs 1.00 ms; docs/kv_cache.md).
+_TVM_AUTO_MIN_BYTES_AMX = 2 << 20
+
+
+def _tvm_auto_min_bytes(query, key, value) -> int:
+    """Live K/V bytes per call from which "auto" takes the TVM kernel (see above)."""
+    from moecc.backends.tvm.attention import dot_kind
+
+    rows = (query.shape[1] // key.shape[1]) * query.shape[2]
+    if dot_kind(rows, key.shape[-1], value.shape[-1], key.dtype, query.dtype) == "amx":
+        return _TVM_AUTO_MIN_BYTES_AMX
+    return _TVM_AUTO_MIN_BYTES[key.dtype]
 
 
 def _tvm_takes(query, key, value) -> bool:
@@ -226,7 +243,8 @@ def gqa_decode_attention_reference(query: torch.Tensor, key: torch.Tensor, value
     trimmed = trim if trim is not None else on_cpu
     lo, hi = live_range(mask, sinks is not None, l) if trimmed else (0, l)
     tvm_ok = on_cpu and (mask is None or mask.shape[1] == 1) and _tvm_takes(query, key, value)
-    tvm_auto = tvm_ok and 2 * b * hkv * (hi - lo) * key.shape[-1] * key.element_size() >= _TVM_AUTO_MIN_BYTES[key.dtype]
+    tvm_auto = (tvm_ok and 2 * b * hkv * (hi - lo) * key.shape[-1] * key.element_size()
+                >= _tvm_auto_min_bytes(query, key, value))
     if kernel == "tvm" and not tvm_ok:
         raise ValueError("the TVM kernel needs TVM installed, CPU tensors, G*S in (2, 4, 8, 16), D and Dv "
                          "multiples of 16 (<= 256), a contiguous cache and a mask shared by the heads")

@@ -62,14 +62,19 @@ class AttentionKey:
     out_dtype: str = "float32"  # the query's dtype: the combine writes the output in it
     block: int = 16  # BL slots per online-softmax block
     prefetch: int = 16  # slots ahead for software prefetch (0: none)
+    dot: str = "fp32"  # "fp32": widen K/V, fp32 FMAs; "bf16": vdpbf16ps (kernels_llvm_attention_bf16.py);
+    #                    "amx": AMX tiles (kernels_llvm_attention_amx.py)
 
     def digest(self, tvm_version: str) -> str:
-        code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+        here = Path(__file__)
+        code = hashlib.sha256(b"".join(here.with_name(f).read_bytes() for f in (
+            here.name, "kernels_llvm_attention_bf16.py", "kernels_llvm_attention_amx.py"))
+                              ).hexdigest()[:16]
         payload = repr((sorted(asdict(self).items()), tvm_version, code))
         return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
     def short_name(self) -> str:
-        return f"gqa_decode_R{self.rows}_S{self.s}_D{self.d}_Dv{self.dv}_{self.dtype}"
+        return f"gqa_decode_R{self.rows}_S{self.s}_D{self.d}_Dv{self.dv}_{self.dtype}_{self.dot}"
 
 
 def supported(rows: int, d: int, dv: int) -> bool:
@@ -304,4 +309,12 @@ def attention_module(key: AttentionKey):
                 for x in T.vectorized(DV):
                     out[b, h, r, x] = to_out(o[x] * st[2])
 
+    if key.dot == "bf16":  # same combine, the partial with bf16 dot products
+        from moecc.backends.tvm.kernels_llvm_attention_bf16 import partial_func
+
+        gqa_decode_partial = partial_func(key)
+    elif key.dot == "amx":
+        from moecc.backends.tvm.kernels_llvm_attention_amx import partial_func as amx_partial_func
+
+        gqa_decode_partial = amx_partial_func(key)
     return tvm.IRModule({"gqa_decode_partial": gqa_decode_partial, "gqa_decode_combine": gqa_decode_combine})
