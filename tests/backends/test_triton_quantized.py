@@ -72,13 +72,23 @@ FORMATS = [
 FORMAT_IDS = [f"{f}_g{g}_k{k}_n{n}" for f, g, k, n in FORMATS]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+# One token (most experts empty) and 19 (no multiple of BLOCK_M), each format in both
+# dtypes; not the full product, to keep the interpreter run short.
+RUNS = [(1, torch.float16), (19, torch.float32)]
+
+
+@pytest.mark.parametrize("tokens,dtype", RUNS, ids=["t1_fp16", "t19_fp32"])
 @pytest.mark.parametrize("fmt,group,k,n", FORMATS, ids=FORMAT_IDS)
-@pytest.mark.parametrize("tokens", [1, 19])  # one token (most experts empty); no multiple of BLOCK_M
 def test_matches_reference(fmt, group, k, n, tokens, dtype):
     torch.manual_seed(tokens + group)
     spec, w = quantized_layer(RouterSpec(8, 2), fmt, group, k, n)
     run_and_check(spec, w, tokens, dtype, PREFILL)
+
+
+@pytest.mark.parametrize("fmt,group", [("int4", 64), ("fp8", 32)])
+def test_ragged_fp16(fmt, group):
+    spec, w = quantized_layer(RouterSpec(8, 2), fmt, group, 192, 64)
+    run_and_check(spec, w, 19, torch.float16, PREFILL)
 
 
 @pytest.mark.parametrize("fmt,group", [("int4", 32), ("int8", 0), ("fp8", 32)])
@@ -95,6 +105,15 @@ def test_heuristic_config_keeps_block_k_inside_the_group(fmt, group):
     config = resolve_config(spec, 3, torch.float16, torch.device(DEVICE))
     assert group % config.block_k == 0, config
     run_and_check(spec, w, 3, torch.float16, None)
+
+
+def test_custom_op_runs_quantised_layers():
+    """moecc::moe_layer_triton (what lower_kernels binds) passes the scales through."""
+    from moecc.ops import moe_layer as op
+
+    spec, w = quantized_layer(RouterSpec(8, 2), "int4", 32, 64, 64)
+    x = layer_factory.tie_free_hidden(spec, w, 6, torch.float32, device=DEVICE)
+    check_close(op(x, w, spec, "triton"), reference.moe_layer(x, w, spec))
 
 
 def test_fp8_decode_of_every_finite_byte():
