@@ -6,6 +6,9 @@ configuration is compiled in the default run (about 3 minutes from a cold Triton
 the heuristic's configurations for the reference shapes on each arch, and every entry of
 the tables packaged in moecc/tuning_tables for the GPU they are for. Also checks the
 heuristic's rules and that an oversized configuration is refused for the RTX 4090.
+Quantised stacks (aot.SHIPPED_WEIGHT_FORMATS: int8 per-row / g128, int4 g32 / 64 / 128,
+fp8 128x128): every distinct shipped configuration of every format is compiled for each
+arch in bf16 in the default run; every shape and fp16 as well under `slow`.
 """
 
 from __future__ import annotations
@@ -74,6 +77,82 @@ def test_every_shipped_config_fits_with_bias_and_shared_experts():
         fit = _aot().check_config_fits(config, shape, dtype, profile, activation="swiglu_oai", has_bias=True,
                                        num_shared=1)
         assert fit.fits, fit.reason
+
+
+# ---- quantised expert stacks (int8 / int4 / fp8 weight-only) ------------------------------
+
+QUANT_FORMATS = [pytest.param(f, g, id=f"{f}_g{g}") for f, g in (
+    ("int8", 0), ("int8", 128), ("int4", 32), ("int4", 64), ("int4", 128), ("fp8", 128))]
+
+
+def test_quant_formats_are_the_shipped_ones():
+    assert [tuple(p.values) for p in QUANT_FORMATS] == list(_aot().SHIPPED_WEIGHT_FORMATS)
+
+
+def _check_shipped_quantized(arch, fmt, group, dtypes, one_shape_per_config):
+    profile = devices.profile(ARCH_PROFILES[arch])
+    seen = {}
+    for shape, dtype, _, config in _aot().shipped_configs(profile, dtypes, fmt, group):
+        assert group == 0 or group % config.block_k == 0, config  # a step never crosses a scale group
+        key = (config, dtype) if one_shape_per_config else (config, shape, dtype)
+        if key not in seen:
+            seen[key] = _aot().check_config_fits(config, shape, dtype, profile, weight_format=fmt, group_size=group)
+            assert seen[key].fits, f"{fmt} g{group} {config} {shape} {dtype}: {seen[key].reason}"
+    return seen
+
+
+@pytest.mark.parametrize("fmt,group", QUANT_FORMATS)
+@pytest.mark.parametrize("arch", sorted(ARCH_PROFILES))
+def test_every_shipped_quantized_config_fits(arch, fmt, group):
+    """Every distinct shipped configuration of every format, bf16 (the kernels' shared memory
+    depends on the tiles and dtype, not the shape's integers)."""
+    _check_shipped_quantized(arch, fmt, group, ("bf16",), one_shape_per_config=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt,group", QUANT_FORMATS)
+@pytest.mark.parametrize("arch", sorted(ARCH_PROFILES))
+def test_every_shipped_quantized_config_fits_every_shape_and_dtype(arch, fmt, group):
+    _check_shipped_quantized(arch, fmt, group, ("bf16", "fp16"), one_shape_per_config=False)
+
+
+def test_quantized_with_bias_and_shared_experts_fits():
+    profile = devices.profile("rtx3090")
+    for fmt, group in _aot().SHIPPED_WEIGHT_FORMATS[1::2]:
+        for shape, dtype, _, config in _aot().shipped_configs(profile, ("fp16",), fmt, group)[0:7:6]:  # T = 1, 4096
+            fit = _aot().check_config_fits(config, shape, dtype, profile, activation="swiglu_oai", has_bias=True,
+                                           num_shared=1, weight_format=fmt, group_size=group)
+            assert fit.fits, fit.reason
+
+
+def test_packed_int4_tiles_take_less_shared_memory_than_dense():
+    """The pipeline stages the packed bytes, not dequantised tiles (the point of the format)."""
+    h100 = devices.profile("h100_sxm")
+    shape = (128, 768, 2048, 8)
+    config = KernelConfig(64, 128, 64, 8, 1, 8, 3, "prefill")
+    dense = _aot().check_config_fits(config, shape, "bf16", h100)
+    int4 = _aot().check_config_fits(config, shape, "bf16", h100, weight_format="int4", group_size=64)
+    assert dense.fits and int4.fits
+    assert int4.shared_bytes < dense.shared_bytes
+
+
+def test_block_k_crossing_a_scale_group_does_not_fit():
+    fit = _aot().check_config_fits(KernelConfig(16, 64, 128, 1, 1, 4, 2, "decode"), (8, 256, 256, 2), "bf16",
+                                   devices.profile("rtx3090"), weight_format="int4", group_size=32)
+    assert not fit.fits and "crosses a int4 scale group of 32" in fit.reason
+
+
+@pytest.mark.parametrize("fmt,group,expected", [("int4", 32, 32), ("int4", 128, 128), ("int8", 0, 128),
+                                                ("fp8", 128, 128)])
+def test_heuristic_block_k_stays_inside_the_scale_group(fmt, group, expected):
+    from moecc.backends.triton.weight_formats import NO_LIMIT, max_block_k
+    from moecc.spec import ExpertSpec
+
+    limit = max_block_k(ExpertSpec(2048, 768, weight_format=fmt, group_size=group))
+    config = heuristic_config(128, 768, 2048, 8, 1, "bf16", None, max_block_k=None if limit == NO_LIMIT else limit)
+    assert config.block_k == expected
+    with pytest.raises(ValueError, match="multiple of 16|power of two"):
+        heuristic_config(128, 768, 2048, 8, 1, "bf16", None, max_block_k=8)
 
 
 @pytest.mark.parametrize("arch", [90, 86])
