@@ -223,3 +223,19 @@ def test_shapes_it_does_not_take_use_the_other_kernels():
     per_head = torch.randn(1, HQ, 1, 40) * 0.5  # a bias per head: flash takes it
     q, k, v = _inputs(1, 1, 40, seed=18)
     check_close(gqa_decode_attention_reference(q, k, v, per_head, None, 0.3), _sdpa(q, k, v, per_head, 0.3))
+
+
+def test_auto_takes_amx_for_bf16_from_2_mib():
+    """bf16 on the AMX kernel: auto takes it from 2 MiB of live K/V (below: flash)."""
+    import moecc.backends.tvm.attention as tvm_attention
+
+    if not tvm_attention.cpu_has("amx_bf16"):
+        pytest.skip("this CPU (or process) has no AMX-BF16")
+    q, k, v = _inputs(1, 1, 4200, torch.bfloat16, seed=19, hq=8, hkv=2, d=128)
+    mask = _mask(1, 1, 4200, 4100)  # 2 * 2 heads * 4100 slots * 256 B = 4.2 MB live
+    auto = gqa_decode_attention_reference(q, k, v, mask, None, 0.09)
+    assert torch.equal(auto, gqa_decode_attention_reference(q, k, v, mask, None, 0.09, kernel="tvm"))
+    check_close(auto, _semantics(q, k, v, mask, None, 0.09), dtype=torch.bfloat16)
+    small = _mask(1, 1, 4200, 1000)  # 1 MB live: flash
+    assert torch.equal(gqa_decode_attention_reference(q, k, v, small, None, 0.09),
+                       gqa_decode_attention_reference(q, k, v, small, None, 0.09, kernel="flash"))
