@@ -56,10 +56,14 @@ def use_interpreter() -> None:
             importlib.reload(module)
 
 
-def run_in_subprocess(test_file: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run one pytest file in a fresh interpreter-mode Python process (repo root on the path)."""
+def run_in_subprocess(test_file: str, timeout: float = 600, markexpr: str = "") -> subprocess.CompletedProcess:
+    """Run one pytest file in a fresh interpreter-mode Python process (repo root on the path).
+
+    `markexpr`: the parent session's `-m` expression, so `make test` (-m "not slow") does
+    not run the file's slow tests in the child."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file],
+    marks = ["-m", markexpr] if markexpr else []
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *marks, test_file],
                           env=env, capture_output=True, text=True, timeout=timeout, cwd=root)

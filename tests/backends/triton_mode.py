@@ -37,13 +37,14 @@ def triton_mode(request):
 
 
 def whole_file_test(path: str):
-    def test_whole_file_in_interpreter_subprocess():
-        """CPU only: every test of this file under the interpreter, in a fresh process."""
+    def test_whole_file_in_interpreter_subprocess(request):
+        """CPU only: every test of this file under the interpreter, in a fresh process
+        (selected by this session's -m expression: `make test` skips the slow ones there too)."""
         if CUDA or interpreting():
             pytest.skip("the tests run in this process")
         from moecc.backends.triton import testing
 
-        proc = testing.run_in_subprocess(path)
+        proc = testing.run_in_subprocess(path, markexpr=request.config.getoption("markexpr") or "")
         assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
 
     return test_whole_file_in_interpreter_subprocess
