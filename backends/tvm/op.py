@@ -211,9 +211,9 @@ def run_kernels(kernels: KernelSet, key: KernelKey, hidden: torch.Tensor, weight
     gate_up = aligned(gate_up.contiguous()).view(key.num_experts, 2, n, -1)  # [E', 2, N, K/P]
     down = aligned(down.contiguous())  # [E', K, N/P]
     gu_bias = (aligned(weights.gate_up_bias.to(dt).contiguous()).view(key.num_experts, 2, n)
-               if key.gate_up_bias else torch.zeros(1, 2, n, dtype=dt, device=dev))  # [E', 2, N]
+               if key.gate_up_bias else _zeros((1, 2, n), dt, dev))  # [E', 2, N]
     d_bias = (aligned(weights.down_bias.to(dt).contiguous()) if key.down_bias
-              else torch.zeros(1, k, dtype=dt, device=dev))  # [E', K]
+              else _zeros((1, k), dt, dev))  # [E', K]
 
     act = torch.empty(rows.num_blocks, bm, n, dtype=torch.float32, device=dev)  # [NB, BM, N]
     y = torch.empty(rows.num_blocks, bm, k, dtype=torch.float32, device=dev)  # [NB, BM, K]
@@ -241,6 +241,13 @@ def run_kernels(kernels: KernelSet, key: KernelKey, hidden: torch.Tensor, weight
         kernels.down_weighted(act, rows.row_weight, rows.experts, rows.block_ptr, down, d_bias, y)
     kernels.combine(y, rows.rows, out)
     return out.to(hidden.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero bias the kernels only read, made once per shape (two fresh tensors per call
+    cost ~10-20 us of a decode-sized layer call)."""
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def int4_ordered(x: torch.Tensor, vec: int) -> torch.Tensor:
