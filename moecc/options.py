@@ -60,6 +60,10 @@ class CompileOptions:
         (passes/mla_absorb.py, moecc/mla.py), grouped-query attention reads the cache in
         place, without repeated heads, only over the valid slots on the CPU
         (passes/gqa_decode.py, moecc/gqa.py); docs/kv_cache.md. False leaves it as captured.
+    huge_pages: on the CPU, move the weights the compiled graph reads (every tensor of at
+        least 2 MiB) onto 2 MiB pages in place (passes/huge_pages.py, moecc/huge_pages.py):
+        streaming them on 4 KiB pages is bound by address translation, 2-4x slower on the
+        build VM. Values and tensors are unchanged; costs ~1-1.5 s per GiB once. Linux only.
     mode: torch.compile's mode. torch.compile refuses `mode=` together with `options=`,
         so the mode may also be given as options={"mode": "reduce-overhead", ...}.
     report: a moecc.CompileReport the caller owns; every compiled graph appends what
@@ -75,6 +79,7 @@ class CompileOptions:
     decode_gemv: bool = True
     kv_rewrite: bool = True
     quantize_linears: bool = False
+    huge_pages: bool = True
     report: Optional[Any] = field(default=None, compare=False)  # a moecc.CompileReport to fill
     mode: Optional[str] = None
     precision: Optional[Any] = None  # parsed to a moecc.precision config (or None)
@@ -97,7 +102,7 @@ class CompileOptions:
         _choice("rest_of_graph", self.rest_of_graph, GRAPH_BACKENDS)
         _choice("mode", self.mode, MODES)
         for name in ("fuse_shared_experts", "verify_capture", "release_original_weights", "decode_gemv",
-                     "kv_rewrite", "quantize_linears"):
+                     "kv_rewrite", "quantize_linears", "huge_pages"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionsError(f"moecc option {name!r} must be True or False, got {getattr(self, name)!r}")
         from moecc.capture.report import CompileReport

@@ -14,6 +14,8 @@
 7. linear_precision    options.quantize_linears: the other linears packed like the experts
                        (after mla_absorb, which reads kv_b_proj as it is; before decode_gemv)
 8. decode_gemv         CPU batch-1 decode: one-row bf16 linears as torch.mv (after capture)
+9. huge_pages          CPU: the weights the graph streams moved onto 2 MiB pages in place
+                       (last: it must see the derived weights every earlier pass made)
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from __future__ import annotations
 import os
 
 from moecc.capture.report import PassResult
-from moecc.passes import (decode_gemv, expert_fusion, gqa_decode, linear_precision, lower_kernels, mla_absorb,
-                          precision_lowering, prune_experts)
+from moecc.passes import (decode_gemv, expert_fusion, gqa_decode, huge_pages, linear_precision, lower_kernels,
+                          mla_absorb, precision_lowering, prune_experts)
 from moecc.passes.context import PassContext
 
 PIPELINE = (expert_fusion, prune_experts, precision_lowering, lower_kernels, mla_absorb, gqa_decode,
-            linear_precision, decode_gemv)
+            linear_precision, decode_gemv, huge_pages)
 
 
 def run_pipeline(ctx: PassContext, graph_index: int = 0) -> list[PassResult]:
