@@ -29,17 +29,23 @@ def cpu_read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
     tensor on 2 MiB pages where the OS gives them (moecc/huge_pages.py: on 4 KiB pages the
     sum is bound by address translation, 5 vs 22 GB/s on the build VM), with torch's thread
     count. The bandwidth the CPU benchmarks' floors divide by."""
-    import time
-
     import torch
 
     from moecc.huge_pages import huge_page_buffer
 
     t = huge_page_buffer(int(gib * 2 ** 30) // 4 * 4).view(torch.float32)
     t.uniform_()
+    return read_rate(t, reps)
+
+
+def read_rate(t, reps: int = 5) -> float:
+    """Bytes/s of the fastest of `reps` torch.sum over tensor t (already touched), on
+    whatever pages t has."""
+    import time
+
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         t.sum()
         best = min(best, time.perf_counter() - t0)
-    return t.numel() * 4 / best
+    return t.numel() * t.element_size() / best
