@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PYTHON) -m moecc demo
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -m "not slow" -q
+	$(PYTHON) -m pytest -m "not slow" -q --durations=25
 
 test-all: $(STAMP)
 	$(PYTHON) -m pytest -q

@@ -138,7 +138,9 @@ def collapse(tensors: Iterable[torch.Tensor], min_bytes: int = HUGE_PAGE) -> Col
 
 
 def huge_page_bytes(t: torch.Tensor) -> int:
-    """Bytes of t's storage that sit on huge pages now (from /proc/self/smaps; 0 off Linux)."""
+    """AnonHugePages of the mappings t's storage lies in (/proc/self/smaps; 0 off Linux): an
+    upper bound on t's own bytes on huge pages, since a mapping (the malloc heap) may hold
+    other data too; exact for a tensor alone in its mapping."""
     start = t.untyped_storage().data_ptr()
     end = start + t.untyped_storage().nbytes()
     try:
