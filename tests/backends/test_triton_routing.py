@@ -71,9 +71,20 @@ def test_route_topk_matches_reference(name, t):
     torch.testing.assert_close(weights, ref_w, rtol=1e-5, atol=1e-6)
 
 
+def _distinct_fp16_logits(t, num_experts):
+    """Per row a random order of distinct values exactly representable in fp16 (steps of 1/4).
+
+    Random fp16 normals tie often (29 rows x 12 experts tie somewhere about half the time),
+    and at a tie the two top-k implementations may order ids differently; the test is about
+    fp16 input handling, not tie-breaking, so the logits are tie-free by construction.
+    """
+    rows = [torch.randperm(num_experts) for _ in range(t)]
+    return (torch.stack(rows).float() * 0.25 - num_experts / 8).to(DEVICE, torch.float16)
+
+
 def test_route_topk_fp16_logits():
     spec = ROUTERS["softmax_renorm"]
-    logits = _logits(29, spec, torch.float16)
+    logits = _distinct_fp16_logits(29, spec.num_experts)
     weights, ids = _route_topk(logits, spec)
     ref_w, ref_ids = route(logits, spec)
     assert torch.equal(ids.long(), ref_ids)
