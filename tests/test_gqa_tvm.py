@@ -206,11 +206,18 @@ def test_auto_takes_the_tvm_kernel_and_falls_back_without_tvm(monkeypatch):
     qb, kb, vb = (t.bfloat16() for t in (q, k, v))  # bf16 under 8 MiB of live K/V: flash (measured faster)
     assert torch.equal(gqa_decode_attention_reference(qb, kb, vb, mask, None, 0.3),
                        gqa_decode_attention_reference(qb, kb, vb, mask, None, 0.3, kernel="flash"))
+    import moecc.gqa
+
     monkeypatch.setattr(tvm_attention, "available", lambda: False)
-    fallback = gqa_decode_attention_reference(q, k, v, mask, None, 0.3)
-    assert torch.equal(fallback, gqa_decode_attention_reference(q, k, v, mask, None, 0.3, kernel="flash"))
-    with pytest.raises(ValueError, match="TVM kernel needs"):
-        gqa_decode_attention_reference(q, k, v, mask, None, 0.3, kernel="tvm")
+    moecc.gqa._tvm_plan.cache_clear()  # the op caches its per-shape plan (TVM's presence is per process)
+    try:
+        fallback = gqa_decode_attention_reference(q, k, v, mask, None, 0.3)
+        assert torch.equal(fallback, gqa_decode_attention_reference(q, k, v, mask, None, 0.3, kernel="flash"))
+        with pytest.raises(ValueError, match="TVM kernel needs"):
+            gqa_decode_attention_reference(q, k, v, mask, None, 0.3, kernel="tvm")
+    finally:
+        monkeypatch.undo()
+        moecc.gqa._tvm_plan.cache_clear()
 
 
 def test_shapes_it_does_not_take_use_the_other_kernels():

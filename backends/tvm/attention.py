@@ -35,11 +35,18 @@ def available() -> bool:
 
 def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether the kernel is written for these tensors (CPU, one supported dtype, contiguous cache)."""
-    b, hq, s, d = query.shape
-    hkv, dv = key.shape[1], value.shape[3]
-    return (query.device.type == "cpu" and key.dtype in _DTYPES and key.dtype == value.dtype
-            and query.dtype in _DTYPES and supported((hq // hkv) * s, d, dv)
-            and key.is_contiguous() and value.is_contiguous())
+    return (query.device.type == "cpu" and key.is_contiguous() and value.is_contiguous()
+            and takes_shapes(tuple(query.shape), query.dtype, tuple(key.shape), key.dtype, tuple(value.shape),
+                             value.dtype))
+
+
+def takes_shapes(q_shape: tuple, q_dtype: torch.dtype, k_shape: tuple, k_dtype: torch.dtype, v_shape: tuple,
+                 v_dtype: torch.dtype) -> bool:
+    """`takes` without the device and layout checks: the dtypes and widths it is written for."""
+    hq, s, d = q_shape[1], q_shape[2], q_shape[3]
+    hkv, dv = k_shape[1], v_shape[3]
+    return (k_dtype in _DTYPES and k_dtype == v_dtype and q_dtype in _DTYPES
+            and supported((hq // hkv) * s, d, dv))
 
 
 @functools.lru_cache(maxsize=32)
