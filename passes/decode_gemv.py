@@ -6,12 +6,15 @@ Matches: `torch._C._nn.linear` / `F.linear` nodes of the captured (torch-level) 
          run on the CPU. The MoE routers are inside the moecc layer ops by now.
 Needs:   lower_kernels before it only so that it never sees a region capture replaced;
          it is independent of the MoE passes otherwise.
-Does:    rebinds each match to moecc::decode_linear (torch.mv; moecc/decode_ops.py says
-         why and what was measured). Off with options={"decode_gemv": False}.
+Does:    rebinds each match to moecc::decode_linear with its kernel chosen here: "tvm"
+         (moecc's TVM GEMV) where apache-tvm can build the shape and kernel_backend is not
+         "reference", else "mv" (torch.mv); moecc/decode_ops.py says why and what was
+         measured. Off with options={"decode_gemv": False}.
 Guarantees: the same product in the same dtype, accumulated in fp32 and rounded once, as
          the GEMM path; the summation order may differ (bf16 tolerance, tested).
-Counters: rewritten (linear nodes now decode_linear), skipped_fp32 (one-row linears left
-         alone because their weights are not 16-bit: fp32 measured equal either way).
+Counters: rewritten (linear nodes now decode_linear), tvm and mv (how many of them run on
+         each kernel), skipped_fp32 (one-row linears left alone because their weights are
+         fp32: torch's GEMM measured best there). Why a node is on "mv" is in the notes.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ def _one_row(x: torch.Tensor) -> bool:
 
 
 def run(ctx: PassContext) -> PassResult:
-    counters = {"rewritten": 0, "skipped_fp32": 0}
+    counters = {"rewritten": 0, "tvm": 0, "mv": 0, "skipped_fp32": 0}
+    notes: list[str] = []
     if ctx.device.type != "cpu" or not ctx.options.decode_gemv:
         return PassResult(NAME, counters)
     import moecc.decode_ops  # noqa: F401  (defines moecc::decode_linear)
@@ -61,6 +65,23 @@ def run(ctx: PassContext) -> PassResult:
             if w.dtype == torch.float32:
                 counters["skipped_fp32"] += 1
             continue
-        node.target, node.args, node.kwargs = op, (x_node, w_node, b_node), {}
+        kernel = _kernel(ctx, w, notes)
+        node.target, node.args, node.kwargs = op, (x_node, w_node, b_node, kernel), {}
         counters["rewritten"] += 1
-    return PassResult(NAME, counters)
+        counters[kernel] += 1
+    return PassResult(NAME, counters, notes=notes)
+
+
+def _kernel(ctx: PassContext, w: torch.Tensor, notes: list[str]) -> str:
+    """"tvm" where the TVM GEMV takes this weight and the options allow it, else "mv"."""
+    if ctx.options.kernel_backend == "reference":
+        return "mv"
+    from moecc.decode_ops import tvm_unfit
+
+    why = tvm_unfit(w)
+    if why:
+        note = f"torch.mv for [{w.shape[0]} x {w.shape[1]}] {w.dtype}: {why}"
+        if note not in notes:
+            notes.append(note)
+        return "mv"
+    return "tvm"
