@@ -14,7 +14,9 @@ Does:    per linear, walks the precision config's chain (int4 -> int8 -> origina
          parameter stays alive with the model (as for the experts: docs/precision.md).
 Guarantees: the op computes reference_linear of the packed weights (dequantised, inputs
          int8-quantised when the config says activations="int8"); a linear no format
-         fits is left exactly as it was, with the reason in the report.
+         fits is left exactly as it was, with the reason in the report. int8 activations
+         on a CPU without AVX512-VNNI: taken weight-only (reported), as the experts are
+         (passes/precision_lowering.py says when and why).
          Linears that read the same input with the same format and no bias (an attention
          block's q / k / v projections) become one op over their packed rows stacked, and
          each original output a slice of its columns: at decode the per-call cost (the
@@ -26,6 +28,8 @@ Counters: int8, int4 (linears lowered to each), kept (left as they were), packed
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +37,8 @@ from moecc.backends.reference.quantized import dequantize, group_fits, quantize_
 from moecc.capture.graph_utils import weight_path
 from moecc.capture.report import PassResult
 from moecc.passes.context import PassContext
-from moecc.precision import chain, config_for, format_name
+from moecc.passes.precision_lowering import int8_activations_missing
+from moecc.precision import PrecisionError, chain, config_for, format_name
 
 NAME = "linear_precision"
 _LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
@@ -47,6 +52,7 @@ def run(ctx: PassContext) -> PassResult:
     import moecc.quantized_linear  # noqa: F401  (defines moecc::quantized_linear)
 
     op = torch.ops.moecc.quantized_linear.default
+    a8_missing = int8_activations_missing(ctx)  # CPUs without VNNI: int8 activations go weight-only
     notes = []
     before = ctx.weights.derived_bytes
     chosen_by_node = []  # (linear node, x node, bias node, weight node, config, packed) in graph order
@@ -67,7 +73,7 @@ def run(ctx: PassContext) -> PassResult:
             counters["kept"] += 1
             notes.append(f"{label}: kept {w.dtype} (no precision for this path)")
             continue
-        chosen, why = _choose(w, layer_config)
+        chosen, why = _choose(w, layer_config, a8_missing)
         if chosen is None:
             counters["kept"] += 1
             notes.append(f"{label}: kept {w.dtype} ({why})")
@@ -124,11 +130,19 @@ def _emit(ctx: PassContext, op, group: list, notes: list) -> None:
     notes.append(f"merged: {', '.join(names)} read the same input: one {format_name(cfg)} op of {start} rows")
 
 
-def _choose(w: torch.Tensor, config):
+def _choose(w: torch.Tensor, config, a8_missing: str = ""):
     """((config, packed, SQNR dB), why) for the first format in the chain that fits and meets
-    its weight bound, or (None, why)."""
+    its weight bound, or (None, why). a8_missing: why int8 activations cannot run on fast
+    kernels here ('' when they can); then a config asking for them is taken weight-only,
+    as passes/precision_lowering.py does for the experts (strict: PrecisionError)."""
     reasons = []
     for cfg in chain(config):
+        if cfg.weight_format != "fp8" and cfg.activations == "int8" and a8_missing:
+            if cfg.strict:
+                raise PrecisionError(f"{format_name(cfg)} linears: {a8_missing}; strict=True refuses to fall back. "
+                                     "Use weight-only activations, kernel_backend='reference', or strict=False.")
+            reasons.append(f"{format_name(cfg)}: {a8_missing} -> weight-only")
+            cfg = dataclasses.replace(cfg, activations="float")
         misfit = group_fits(cfg.weight_format, w.shape[1], cfg.group_size or 0)
         if misfit:
             reasons.append(f"{format_name(cfg)}: {misfit}")

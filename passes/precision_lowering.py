@@ -23,6 +23,12 @@ Memory: the packed stack is kept beside the model's own parameters (they stay al
          fp8 with activations="dynamic" (fp8 activations): no kernel computes them yet (CPUs
          have no fp8 arithmetic), so the layer is lowered to fp8 weight-only with the reason
          in its note, or, with strict, PrecisionError; never a silently different result.
+         int8 activations (w8a8 / w4a8) on a CPU whose kernels would be TVM's but which
+         lacks AVX512-VNNI (their integer dot products): lowered weight-only in the same
+         format instead (the same packed weights; activations stay in the model dtype, so
+         the layer runs on TVM's dequantising kernels rather than on the slow reference
+         op), the reason in the note; with strict, PrecisionError. kernel_backend=
+         "reference" keeps int8 activations (the reference computes them everywhere).
 Counters: layers (lowered to some format), int8, int4, fp8, dense (kept), fallbacks, packed_kib,
          prepacked (packed before compiling by moecc.quantize_).
 Notes:   per layer: chosen format, worst expert weight SQNR, output SQNR, and why.
@@ -68,7 +74,7 @@ def run(ctx: PassContext) -> PassResult:
             continue
         arg_nodes = dict(zip(MOE_WEIGHT_FIELDS, node.args[1:-1]))
         weights = MoEWeights(**{f: ctx.value(n) for f, n in arg_nodes.items()})
-        chosen, why = _choose(spec, weights, config, seed=index)
+        chosen, why = _choose(spec, weights, config, seed=index, a8_missing=int8_activations_missing(ctx))
         if chosen is None:
             counters["dense"] += 1
             notes.append(f"{name}: kept {weights.gate_up.dtype} ({why})")
@@ -111,8 +117,9 @@ def lowered_spec(spec: MoELayerSpec, cfg) -> MoELayerSpec:
                                  "activations": activations})
 
 
-def _choose(spec: MoELayerSpec, weights: MoEWeights, config, seed: int):
-    """((config, {field: tensor}, (worst weight SQNR, output SQNR)), why) or (None, why)."""
+def _choose(spec: MoELayerSpec, weights: MoEWeights, config, seed: int, a8_missing: str = ""):
+    """((config, {field: tensor}, (worst weight SQNR, output SQNR)), why) or (None, why).
+    a8_missing: why int8 activations cannot run on fast kernels here ('' when they can)."""
     reasons = []
     if not spec.experts.canonical or spec.experts.weight_format != "dense":
         return None, "layout not canonical or already quantised"
@@ -128,6 +135,14 @@ def _choose(spec: MoELayerSpec, weights: MoEWeights, config, seed: int):
                                      "Use activations='weight_only', or set strict=False.")
             reasons.append(miss + " -> weight_only")
             cfg = dataclasses.replace(cfg, activations="weight_only")
+            label = format_name(cfg)
+        if cfg.weight_format != "fp8" and cfg.activations == "int8" and a8_missing:
+            miss = f"{label}: {a8_missing}"
+            if cfg.strict:
+                raise PrecisionError(f"{spec.source or 'an MoE layer'}: {miss}; strict=True refuses to fall back. "
+                                     "Use weight-only activations, kernel_backend='reference', or strict=False.")
+            reasons.append(miss + " -> weight-only")
+            cfg = dataclasses.replace(cfg, activations="float")
             label = format_name(cfg)
         misfit = group_fits(cfg.weight_format, k, cfg.group_size or 0) or \
             group_fits(cfg.weight_format, n, cfg.group_size or 0)
@@ -145,6 +160,26 @@ def _choose(spec: MoELayerSpec, weights: MoEWeights, config, seed: int):
                                  "Relax the bound, change group_size, or set strict=False.")
         reasons.append(miss + " -> fallback")
     return None, "; ".join(reasons)
+
+
+def int8_activations_missing(ctx: PassContext) -> str:
+    """Why int8-activation layers would not reach fast kernels in this graph ('' when they
+    would, or when the reference op was asked for): on the CPU with TVM kernels, a CPU
+    without AVX512-VNNI (lower_kernels would keep such layers on the reference op)."""
+    if ctx.device.type != "cpu":
+        return ""  # GPUs: lower_kernels reports the layers it keeps on the reference
+    from moecc.passes.lower_kernels import KernelBackendUnavailable, resolve_kernel_backend
+
+    try:
+        if resolve_kernel_backend(ctx.options.kernel_backend, ctx.device) != "tvm":
+            return ""
+    except KernelBackendUnavailable:
+        return ""  # lower_kernels raises it with its advice
+    from moecc.backends.tvm.build import host_has_vnni
+
+    if host_has_vnni():
+        return ""
+    return "int8 activations need AVX512-VNNI (moecc's TVM integer kernels), which this CPU lacks"
 
 
 def fp8_activations_missing(device: torch.device) -> str:

@@ -48,9 +48,9 @@ def structure(gm) -> list[tuple]:
     return out
 
 
-def lowered_layer(precision, k: int = 64, n: int = 32):
-    """A random E=8 top-2 layer graph after passes/precision_lowering.py with `precision`:
-    (ctx, pass result, the moe node, spec, weights, placeholder values)."""
+def lowered_layer(precision, k: int = 64, n: int = 32, **options):
+    """A random E=8 top-2 layer graph after passes/precision_lowering.py with `precision`
+    (and other compile options): (ctx, pass result, the moe node, spec, weights, placeholder values)."""
     import layer_factory
     from moecc.passes import precision_lowering
     from moecc.spec import RouterSpec
@@ -58,7 +58,7 @@ def lowered_layer(precision, k: int = 64, n: int = 32):
     torch.manual_seed(0)
     spec, weights = layer_factory.make_layer(RouterSpec(8, 2), k=k, n=n)
     gm, values = layer_graph(weights, spec)
-    ctx = context(gm, values, precision=precision)
+    ctx = context(gm, values, precision=precision, **options)
     result = precision_lowering.run(ctx)
     gm.graph.lint()
     gm.recompile()

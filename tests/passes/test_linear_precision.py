@@ -26,9 +26,13 @@ class TwoLinears(torch.nn.Module):
 
 
 def _compile(model, x, **options):
+    # kernel_backend "reference" so that int8 activations are lowered as asked on every CPU
+    # (with TVM kernels a CPU without VNNI takes them weight-only: the test at the end);
+    # the quantized_linear op still runs on TVM wherever its kernels fit.
     report = moecc.CompileReport()
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="moecc", options={"rest_of_graph": "eager", "report": report, **options})
+    compiled = torch.compile(model, backend="moecc", options={"rest_of_graph": "eager", "report": report,
+                                                              "kernel_backend": "reference", **options})
     return compiled(x), report
 
 
@@ -114,3 +118,24 @@ def test_siblings_reading_one_input_become_one_op(precision, activations):
         q, k, v = ref(model.q).view(2, 5, 3, 32), ref(model.k), ref(model.v)
         expected = torch.cat([(q * k.unsqueeze(-2)).sum(-1), v, ref(model.g)], dim=-1)
     check_close(out, expected, torch.float32)
+
+
+@pytest.mark.tvm
+def test_int8_activations_go_weight_only_on_tvm_without_vnni(monkeypatch):
+    import moecc.backends.tvm.build as tvm_build
+
+    monkeypatch.setattr(tvm_build, "host_has_vnni", lambda: False)
+    torch.manual_seed(0)
+    model, x = TwoLinears().eval(), torch.randn(3, 64)
+    with torch.no_grad():
+        out, report = _compile(model, x, precision="w8a8", quantize_linears=True, kernel_backend="tvm")
+        q_up, q_down = quantize_rows(model.up.weight, "int8", 0), quantize_rows(model.down.weight, "int8", 0)
+        h = torch.relu(reference_linear(x, q_up.packed, q_up.scales, model.up.bias, "int8", 0, "float"))
+        expected = reference_linear(h, q_down.packed, q_down.scales, None, "int8", 0, "float")
+    assert report.pass_counter("linear_precision", "int8") == 2
+    notes = [n for g in report.graphs for p in g.passes if p.name == "linear_precision" for n in p.notes]
+    assert sum("AVX512-VNNI" in n and "-> weight-only" in n for n in notes) == 2, notes
+    check_close(out, expected, torch.float32)
+    with pytest.raises(Exception, match="strict=True refuses"):
+        _compile(model, x, precision={"format": "int8", "activations": "int8", "strict": True},
+                 quantize_linears=True, kernel_backend="tvm")

@@ -23,8 +23,10 @@ from moecc.tolerances import check_close  # noqa: E402
 from moecc.weights import MOE_WEIGHT_FIELDS  # noqa: E402
 
 
-def _lowered(precision, k=64, n=32):
-    return lowered_layer(precision, k, n)
+def _lowered(precision, k=64, n=32, **options):
+    # The reference kernels by default: the pass then lowers exactly what was asked on every
+    # CPU (with TVM kernels, int8 activations depend on the CPU: see the VNNI tests below).
+    return lowered_layer(precision, k, n, **{"kernel_backend": "reference", **options})
 
 
 def test_options_parse_shorthands_dicts_and_configs():
@@ -137,3 +139,20 @@ def test_lowering_binds_int8_activation_layers_to_tvm_only_where_vnni_fits():
     ctx, *_ = _lowered("w8a8")
     result = lower_kernels.run(context(ctx.gm, [], kernel_backend="tvm"))
     assert result.counters["tvm" if host_has_vnni() else "reference"] == 1
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("vnni", [False, True])
+def test_int8_activations_go_weight_only_on_tvm_without_vnni(monkeypatch, vnni):
+    import moecc.backends.tvm.build as tvm_build
+
+    monkeypatch.setattr(tvm_build, "host_has_vnni", lambda: vnni)
+    _, result, node, *_ = _lowered("w8a8", kernel_backend="tvm")
+    lowered = MoELayerSpec.from_json(node.args[-1])
+    assert (lowered.experts.weight_format, lowered.experts.activations) == ("int8", "int8" if vnni else "float")
+    assert result.counters["fallbacks"] == int(not vnni)
+    reported = any("AVX512-VNNI" in n and "-> weight-only" in n for n in result.notes)
+    assert reported == (not vnni)
+    if not vnni:
+        with pytest.raises(PrecisionError, match="AVX512-VNNI.*strict=True refuses"):
+            _lowered({"format": "int8", "activations": "int8", "strict": True}, kernel_backend="tvm")

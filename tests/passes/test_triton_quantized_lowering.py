@@ -26,7 +26,7 @@ def triton_usable(monkeypatch):
 
 
 def _bind(precision):
-    ctx, *_ = lowered_layer(precision, k=64, n=32)
+    ctx, *_ = lowered_layer(precision, k=64, n=32, kernel_backend="triton")  # both passes see the same options
     result = lower_kernels.run(context(ctx.gm, [], kernel_backend="triton"))
     return result, ctx.moe_nodes()[0].target
 
