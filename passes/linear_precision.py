@@ -28,8 +28,6 @@ Counters: int8, int4 (linears lowered to each), kept (left as they were), packed
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 
@@ -37,8 +35,8 @@ from moecc.backends.reference.quantized import dequantize, group_fits, quantize_
 from moecc.capture.graph_utils import weight_path
 from moecc.capture.report import PassResult
 from moecc.passes.context import PassContext
-from moecc.passes.precision_lowering import int8_activations_missing
-from moecc.precision import PrecisionError, chain, config_for, format_name
+from moecc.passes.precision_lowering import A8_ADVICE, int8_activations_missing, weight_only_instead
+from moecc.precision import chain, config_for, format_name
 
 NAME = "linear_precision"
 _LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
@@ -138,11 +136,7 @@ def _choose(w: torch.Tensor, config, a8_missing: str = ""):
     reasons = []
     for cfg in chain(config):
         if cfg.weight_format != "fp8" and cfg.activations == "int8" and a8_missing:
-            if cfg.strict:
-                raise PrecisionError(f"{format_name(cfg)} linears: {a8_missing}; strict=True refuses to fall back. "
-                                     "Use weight-only activations, kernel_backend='reference', or strict=False.")
-            reasons.append(f"{format_name(cfg)}: {a8_missing} -> weight-only")
-            cfg = dataclasses.replace(cfg, activations="float")
+            cfg = weight_only_instead(cfg, f"{format_name(cfg)}: {a8_missing}", "linears", A8_ADVICE, reasons)
         misfit = group_fits(cfg.weight_format, w.shape[1], cfg.group_size or 0)
         if misfit:
             reasons.append(f"{format_name(cfg)}: {misfit}")

@@ -128,21 +128,13 @@ def _choose(spec: MoELayerSpec, weights: MoEWeights, config, seed: int, a8_missi
     k, n = spec.experts.hidden_size, spec.experts.intermediate_size
     for cfg in chain(config):
         label = format_name(cfg)
+        who = spec.source or "an MoE layer"
         if cfg.weight_format == "fp8" and cfg.activations == "dynamic":
-            miss = f"{label}: {fp8_activations_missing(weights.gate_up.device)}"
-            if cfg.strict:
-                raise PrecisionError(f"{spec.source or 'an MoE layer'}: {miss}; strict=True refuses to fall back. "
-                                     "Use activations='weight_only', or set strict=False.")
-            reasons.append(miss + " -> weight_only")
-            cfg = dataclasses.replace(cfg, activations="weight_only")
+            cfg = weight_only_instead(cfg, f"{label}: {fp8_activations_missing(weights.gate_up.device)}", who,
+                                      "Use activations='weight_only', or set strict=False.", reasons)
             label = format_name(cfg)
         if cfg.weight_format != "fp8" and cfg.activations == "int8" and a8_missing:
-            miss = f"{label}: {a8_missing}"
-            if cfg.strict:
-                raise PrecisionError(f"{spec.source or 'an MoE layer'}: {miss}; strict=True refuses to fall back. "
-                                     "Use weight-only activations, kernel_backend='reference', or strict=False.")
-            reasons.append(miss + " -> weight-only")
-            cfg = dataclasses.replace(cfg, activations="float")
+            cfg = weight_only_instead(cfg, f"{label}: {a8_missing}", who, A8_ADVICE, reasons)
             label = format_name(cfg)
         misfit = group_fits(cfg.weight_format, k, cfg.group_size or 0) or \
             group_fits(cfg.weight_format, n, cfg.group_size or 0)
@@ -160,6 +152,20 @@ def _choose(spec: MoELayerSpec, weights: MoEWeights, config, seed: int, a8_missi
                                  "Relax the bound, change group_size, or set strict=False.")
         reasons.append(miss + " -> fallback")
     return None, "; ".join(reasons)
+
+
+A8_ADVICE = "Use weight-only activations, kernel_backend='reference', or strict=False."
+
+
+def weight_only_instead(cfg, miss: str, who: str, advice: str, reasons: list[str]):
+    """cfg with weight-only activations, for a config whose activations cannot run here
+    (`miss` says which and why): the miss goes into `reasons`; with cfg.strict a
+    PrecisionError naming `who` and `advice` instead."""
+    if cfg.strict:
+        raise PrecisionError(f"{who}: {miss}; strict=True refuses to fall back. {advice}")
+    fp8 = cfg.weight_format == "fp8"
+    reasons.append(miss + (" -> weight_only" if fp8 else " -> weight-only"))
+    return dataclasses.replace(cfg, activations="weight_only" if fp8 else "float")
 
 
 def int8_activations_missing(ctx: PassContext) -> str:
